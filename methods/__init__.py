@@ -1,0 +1,13 @@
+"""Methods: one module each, registered by name. Importing this package registers them all."""
+from methods import baselines  # noqa: F401  (registers global, local)
+from methods.base import (  # noqa: F401
+    MethodError,
+    Phase,
+    UHRMethod,
+    build_method,
+    count_parameters,
+    list_methods,
+    method_class,
+    register_method,
+    resolve_method_name,
+)

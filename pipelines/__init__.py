@@ -1,0 +1,1 @@
+"""Pipeline stages (one module each) plus config, tracking and metrics."""

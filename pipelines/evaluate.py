@@ -1,0 +1,125 @@
+"""Evaluation stage: one int64 confusion matrix over a split, scores, prediction images.
+
+Writes `results/metrics/<dataset>/<method>.json` (DVC metrics) and an MLflow run with the
+confusion matrix and a few image | ground truth | prediction panels as artifacts.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from datasets import PreparedDataset, get_dataset
+from datasets.base import colorize
+from methods import build_method, count_parameters, resolve_method_name
+from pipelines import tracking
+from pipelines.config import Config, ConfigError
+from pipelines.metrics import ConfusionMatrix, segmentation_scores
+from pipelines.train import checkpoint_dir
+
+PANEL_MAX_SIDE = 768  # prediction panels are downscaled to keep artifacts small
+
+
+def load_trained(config: Config, dataset: str, method: str, overrides: dict | None = None,
+                 device: torch.device | str = "cpu"):
+    """Rebuild the trained model from its final checkpoint (the config it was trained with, plus
+    runtime overrides such as RUE's K)."""
+    path = checkpoint_dir(config, dataset, method) / "final.pt"
+    if not path.is_file():
+        raise ConfigError(f"no trained model at {path}; run `python bench.py train --dataset {dataset} "
+                          f"--method {method}` (or `dvc repro`) first")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model_cfg = {**checkpoint["model_config"], **(overrides or {})}
+    model = build_method(checkpoint["method"], checkpoint["num_classes"], ignore_index=checkpoint["ignore_index"],
+                         **model_cfg)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint, model_cfg
+
+
+def panel(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, palette) -> Image.Image:
+    """image | ground truth | prediction, side by side, palette-coloured."""
+    parts = [image.permute(1, 2, 0).numpy(), colorize(label.numpy().astype(np.uint8), palette),
+             colorize(prediction.numpy().astype(np.uint8), palette)]
+    strip = Image.fromarray(np.concatenate(parts, axis=1))
+    scale = PANEL_MAX_SIDE / max(image.shape[-2:])
+    if scale < 1:
+        strip = strip.resize((round(strip.width * scale), round(strip.height * scale)), Image.NEAREST)
+    return strip
+
+
+def evaluate(config: Config, dataset: str, method: str, split: str | None = None, device: str = "auto",
+             overrides: dict | None = None) -> dict:
+    method = resolve_method_name(method)
+    eval_cfg = config.section("evaluate")
+    split = split or eval_cfg.get("split", "test")
+    num_panels = int(eval_cfg.get("num_visualizations", 3))
+    info = get_dataset(dataset).info
+    dev = tracking.resolve_device(device)
+    model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, dev)
+    data = PreparedDataset(config.data_root / dataset, split)
+    matrix = ConfusionMatrix(info.num_classes, info.ignore_index, dev)
+    panels: list[tuple[str, Image.Image]] = []
+    sizes: set[tuple[int, int]] = set()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for index in tqdm(range(len(data)), desc=f"evaluate {method} on {dataset}/{split}", unit="img"):
+            image, label, image_id = data[index]
+            sizes.add(tuple(image.shape[-2:]))
+            prediction = model.predict(image[None].to(dev)).argmax(1)[0]
+            matrix.update(prediction, label.to(dev))
+            if len(panels) < num_panels:
+                panels.append((image_id, panel(image, label, prediction.cpu(), info.palette)))
+    seconds = time.perf_counter() - start
+    scores = segmentation_scores(matrix.matrix, info.class_names, info.counted_classes)
+    env = tracking.environment_info(dev)
+    result = {
+        "dataset": dataset, "method": method, "split": split, "images": len(data),
+        "headline": info.headline, "headline_value": headline_value(scores, info.headline),
+        **scores,
+        "fine_classes": [info.class_names[c] for c in info.fine_classes],
+        "params_m": count_parameters(model) / 1e6,
+        "device": env["device"], "device_name": env["device_name"], "precision": "fp32",
+        "input_size": sorted(f"{h}x{w}" for h, w in sizes),
+        "eval_seconds": seconds, "model_config": model_cfg, "profile": checkpoint["profile"],
+        "versions": {k: env[k] for k in ("torch", "timm", "cuda_compiled", "cudnn", "python")},
+        "git_commit": env["git_commit"],
+    }
+    with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
+                              tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", "")}) as run:
+        import mlflow
+
+        mlflow.set_tags({f"env.{k}": v for k, v in env.items()})
+        mlflow.log_params({"split": split, "precision": "fp32", "input_size": ",".join(result["input_size"]),
+                           **{f"model.{k}": v for k, v in model_cfg.items()}})
+        metrics = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+                   "params_m": result["params_m"], "headline": result["headline_value"]}
+        metrics.update({f"iou.{name}": v for name, v in scores["iou"].items() if v is not None})
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({"classes": list(info.class_names), "rows": "ground truth", "columns": "prediction",
+                         "matrix": matrix.matrix.cpu().tolist()}, "confusion_matrix.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            for image_id, strip in panels:
+                strip.save(Path(tmp) / f"{image_id}.png")
+            if panels:
+                mlflow.log_artifacts(tmp, "predictions")
+        result["mlflow_run_id"] = run.info.run_id
+        out = config.results_root / "metrics" / dataset / f"{method}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        mlflow.log_artifact(str(out))
+    return result
+
+
+def headline_value(scores: dict, headline: str) -> float:
+    if headline == "miou":
+        return scores["miou"]
+    if headline.startswith("iou:"):
+        value = scores["iou"][headline.split(":", 1)[1]]
+        return float("nan") if value is None else value
+    raise ValueError(f"unknown headline metric '{headline}'")

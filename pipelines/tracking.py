@@ -1,0 +1,140 @@
+"""MLflow setup and run provenance (git commit, versions, device).
+
+The tracking URI is always absolute: `MLFLOW_TRACKING_URI` if set, else an sqlite file at the
+repository root. A relative URI would silently create a second database whenever a stage runs from
+another directory (DVC queued experiments run in .dvc/tmp/exps), see specs/protocol.md §6.5.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.config import REPO_ROOT
+
+EXPERIMENT_PREFIX = "uhrbench"
+
+
+def tracking_uri(root: Path = REPO_ROOT) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def experiment_name(dataset: str) -> str:
+    return f"{EXPERIMENT_PREFIX}-{dataset}"
+
+
+def artifact_location(name: str) -> str | None:
+    """Artifacts of an sqlite store live next to the database file (not in the current directory,
+    MLflow's default); a server decides for itself."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns" / name).resolve().as_uri()
+
+
+def _mlflow():
+    import mlflow  # slow import; only commands that track pay for it
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def ensure_experiment(dataset: str) -> str:
+    """Create the dataset's experiment once (artifacts next to the default database)."""
+    mlflow = _mlflow()
+    name = experiment_name(dataset)
+    for attempt in range(5):  # first creation of the sqlite schema can race with another process
+        try:
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is not None:
+                return experiment.experiment_id
+            return mlflow.create_experiment(name, artifact_location=artifact_location(name))
+        except Exception:  # noqa: BLE001 - retried, then re-raised
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash: str = "",
+                nested: bool = False, run_name: str | None = None, tags: dict | None = None):
+    """An MLflow run tagged method/dataset/stage/profile/git commit/params hash."""
+    mlflow = _mlflow()
+    experiment_id = ensure_experiment(dataset)
+    all_tags = {"method": method, "dataset": dataset, "stage": stage, "profile": profile,
+                "git_commit": git_commit(), "params_hash": params_hash,
+                "dvc_stage": os.environ.get("DVC_STAGE", "")}
+    all_tags.update(tags or {})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{method}-{stage}",
+                          nested=nested, tags=all_tags) as run:
+        yield run
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from pipelines.config import ConfigError
+
+        raise ConfigError(f"device '{name}' asked for but CUDA is not available; use device: auto or cpu")
+    return torch.device(name)
+
+
+def environment_info(device: torch.device | None = None) -> dict[str, str]:
+    """Where and with what a result was produced."""
+    import timm
+
+    device = device or resolve_device()
+    info = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "torch_threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda_compiled": torch.version.cuda or "none",
+        "cuda_available": str(torch.cuda.is_available()),
+        "cudnn": str(torch.backends.cudnn.version()) if torch.cuda.is_available() else "unavailable",
+        "git_commit": git_commit(),
+        "platform": platform.platform(),
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML library or no GPU: say so, do not guess
+        info["driver"] = "unavailable"
+    return info

@@ -1,0 +1,140 @@
+"""The synthetic dataset: determinism, class make-up, fine-structure widths, prepared layout, parameter errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import synthetic
+from datasets.base import DatasetError, PreparedDataset, get_dataset, read_split
+from datasets.synthetic import BARREN, FOREST, RANGELAND, URBAN, WATER, generate_image, prepare
+
+LAND = (synthetic.AGRICULTURE, RANGELAND, FOREST, BARREN)
+
+
+def _box_sum(mask: np.ndarray, k: int) -> np.ndarray:
+    """Sum of each k x k window (top-left anchored), via an integral image."""
+    c = np.pad(mask.astype(np.int32).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+
+
+def _opening(mask: np.ndarray, k: int) -> np.ndarray:
+    """Morphological opening by a k x k square: the pixels covered by some k x k window lying wholly in the mask."""
+    full = _box_sum(mask, k) == k * k
+    return _box_sum(np.pad(full, k - 1), k) > 0
+
+
+def _kept(mask: np.ndarray, k: int) -> float:
+    """Share of the mask's pixels that survive an opening by k x k (structures at least k px thick)."""
+    return float(_opening(mask, k)[mask].sum() / max(1, mask.sum()))
+
+
+@pytest.fixture(scope="module")
+def labels_256() -> np.ndarray:
+    return np.stack([generate_image(256, 0, i)[1] for i in range(6)])
+
+
+def _files(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.glob("*/*.png"))}
+
+
+def test_same_seed_same_bytes_any_worker_count(tmp_path):
+    kw = dict(image_size=128, num_images=3, splits={"train": 2, "val": 1, "test": 0}, progress=False)
+    prepare(tmp_path / "a", seed=5, workers=1, **kw)
+    prepare(tmp_path / "b", seed=5, workers=2, **kw)
+    prepare(tmp_path / "c", seed=6, workers=1, **kw)
+    a, b, c = (_files(tmp_path / d) for d in "abc")
+    assert len(a) == 6 and a.keys() == b.keys() == c.keys()
+    assert a == b  # byte-identical, whatever the worker count
+    assert all(a[k] != c[k] for k in a if k.startswith("images/"))
+
+
+def test_every_class_present_and_urban_water_are_fine(labels_256):
+    counts = np.bincount(labels_256.ravel(), minlength=7) / labels_256.size
+    assert (counts > 0.003).all(), counts  # all 7 classes, none negligible
+    assert 0.02 < counts[URBAN] < 0.10, counts
+    # Nearest 4x down- then up-sampling: thin classes lose a large share, large regions keep almost everything
+    # (measured: urban keeps 0.62, thin water 0.61, land classes 0.94-0.96 for this seed).
+    coarse = labels_256[:, ::4, ::4].repeat(4, 1).repeat(4, 2)
+    kept = {c: float((coarse[labels_256 == c] == c).mean()) for c in range(7)}
+    assert kept[URBAN] < 0.75, kept
+    thin_water = np.stack([(lab == WATER) & ~_opening(lab == WATER, 9) for lab in labels_256])
+    assert thin_water.sum() > 0.5 * (labels_256 == WATER).sum()
+    assert (coarse[thin_water] == WATER).mean() < 0.75
+    assert all(kept[c] > 0.85 for c in LAND), kept
+
+
+def test_roads_buildings_rivers_are_2_to_8_px(monkeypatch):
+    monkeypatch.setattr(synthetic, "LAKE_RATE", 0.0)  # without lakes, all water is river
+    labels = [generate_image(384, 3, i)[1] for i in range(3)]
+    for cls in (URBAN, WATER):
+        masks = [lab == cls for lab in labels]
+        assert all(m.any() for m in masks)
+        # No 9x9 square fits inside (nothing wider than 8 px; measured 0.0), while almost every pixel lies in
+        # some 2x2 square (nothing 1 px thin; measured 0.95 urban, 0.98 water).
+        assert max(_kept(m, 9) for m in masks) < 0.02, cls
+        assert min(_kept(m, 2) for m in masks) > 0.9, cls
+
+
+def test_large_regions_and_lakes_at_1024():
+    image, label = generate_image(1024, 0, 1)
+    assert image.shape == (1024, 1024, 3) and image.dtype == np.uint8 and label.dtype == np.uint8
+    water = label == WATER
+    assert _kept(water, 9) > 0.5  # lakes: water is not only thin
+    for c in LAND:
+        assert _kept(label == c, 9) > 0.85
+    # Classes differ in colour: mean RGB of forest is darker and greener than barren's.
+    assert image[label == FOREST].mean() < image[label == BARREN].mean() - 60
+
+
+def test_prepared_layout_is_readable_and_stale_files_go(tmp_path):
+    assert get_dataset("synthetic").info is synthetic.INFO
+    out = tmp_path / "synthetic"
+    prepare(out, image_size=96, num_images=6, splits={"train": 4, "val": 1, "test": 1}, workers=1, progress=False)
+    summary = prepare(out, image_size=96, num_images=4, splits={"train": 2, "val": 1, "test": 1}, workers=1,
+                      progress=False)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"syn_000{i}.png" for i in range(4)]
+    assert len(list((out / "labels").iterdir())) == 4
+    assert [read_split(out, s) for s in ("train", "val", "test")] == [["syn_0000", "syn_0001"], ["syn_0002"],
+                                                                       ["syn_0003"]]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dataset"] == "synthetic" and meta["params"]["num_images"] == 4 and meta["params"]["seed"] == 0
+    assert meta["info"]["class_names"][1] == "urban" and meta["info"]["native_size"] == [96, 96]
+    assert sum(meta["class_pixels"]["train"].values()) == 2 * 96 * 96
+    assert summary["splits"] == {"train": 2, "val": 1, "test": 1}
+    assert abs(sum(summary["class_fractions"].values()) - 1) < 1e-3
+    ds = PreparedDataset(out, "train")
+    assert len(ds) == 2
+    image, label, image_id = ds[1]
+    assert image_id == "syn_0001"
+    assert image.dtype == torch.uint8 and image.shape == (3, 96, 96)
+    assert label.dtype == torch.int64 and label.shape == (96, 96) and int(label.max()) <= 6
+    with Image.open(out / "labels" / "syn_0001.png") as lab:
+        assert lab.mode == "L"
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(num_images=5), "datasets.synthetic.splits"),
+    (dict(splits={"train": 20, "val": 2, "dev": 2}), "datasets.synthetic.splits"),
+    (dict(image_size=32), "datasets.synthetic.image_size"),
+    (dict(num_images=0, splits={"train": 0}), "datasets.synthetic.num_images"),
+    (dict(seed="zero"), "datasets.synthetic.seed"),
+    (dict(source="raw/"), "--source"),
+])
+def test_bad_params_name_the_key(tmp_path, kwargs, key):
+    source = kwargs.pop("source", None)
+    with pytest.raises(DatasetError, match=key.replace(".", r"\.")):
+        prepare(tmp_path, source, progress=False, **kwargs)
+    assert not (tmp_path / "meta.json").exists()
+
+
+def test_full_deepglobe_size_and_empty_splits(tmp_path):
+    prepare(tmp_path, image_size=2448, num_images=1, splits={"train": 1, "val": 0, "test": 0}, workers=1,
+            progress=False)
+    assert read_split(tmp_path, "val") == [] and (tmp_path / "splits" / "test.txt").read_text() == ""
+    image, label, _ = PreparedDataset(tmp_path, "train")[0]
+    assert image.shape == (3, 2448, 2448) and label.shape == (2448, 2448)
+    assert set(np.unique(label.numpy())) == set(range(7))

@@ -25,7 +25,7 @@ def timm_features(
 
     Channels and reductions are in `model.feature_info.channels()` / `.reduction()`.
     """
-    if name not in timm.list_models():
+    if name.split(".")[0] not in timm.list_models():  # "resnet50.tv_in1k": a model with a pretrained tag
         raise MethodError(f"unknown timm backbone '{name}'; see timm.list_models()")
     options = dict(features_only=True, output_stride=output_stride, **kwargs)
     if out_indices is not None:

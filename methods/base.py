@@ -17,6 +17,29 @@ class MethodError(ValueError):
     """A method cannot be built or loaded as asked; the message names the fix."""
 
 
+@dataclass
+class LoadReport:
+    """What `load_official` did: keys loaded, and keys it could not place (by name)."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # ours, absent from the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # checkpoint's, no counterpart here
+    mismatched: list[str] = field(default_factory=list)  # same name, different shape
+    skipped: list[str] = field(default_factory=list)  # checkpoint keys deliberately not used
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int = 20) -> str:
+        parts = []
+        for name in ("missing", "unexpected", "mismatched"):
+            keys = getattr(self, name)
+            if keys:
+                parts.append(f"{name} ({len(keys)}): {', '.join(keys[:limit])}{' ...' if len(keys) > limit else ''}")
+        return "; ".join(parts) or f"all {len(self.loaded)} tensors loaded"
+
+
 # ImageNet statistics on the 0-255 scale (the mmseg / timm convention all upstream methods use).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -41,6 +64,8 @@ class UHRMethod(nn.Module):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # DDP must search for unused parameters when a forward pass may skip some (e.g. content-dependent routing)
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         super().__init__()
@@ -66,6 +91,17 @@ class UHRMethod(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict(images)
 
+    def predict_tiled(self, images: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+        """`predict` tile by tile (overlapping tiles, logits averaged) for images too large for one
+        pass; peak memory then scales with the tile, plus the full-size logit canvas."""
+        from methods.windows import sliding_window_logits
+
+        if images.shape[-2] <= tile and images.shape[-1] <= tile:
+            return self.predict(images)
+        if not 0 <= overlap < tile:
+            raise MethodError(f"tile overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+        return sliding_window_logits(self.predict, images, self.num_classes, tile, tile - overlap, batch=1)
+
     @property
     def phases(self) -> list[Phase]:
         return [Phase("main")]
@@ -77,8 +113,28 @@ class UHRMethod(nn.Module):
         for prefix in phase.trainable:
             yield from self.get_submodule(prefix).parameters()
 
-    def load_official(self, path: str) -> None:
+    def load_official(self, path: str) -> LoadReport:
         raise MethodError(f"method '{self.name}' has no official checkpoint layout to load ({path})")
+
+    def load_mapped_state(self, state: dict[str, torch.Tensor], path: str, strict: bool = True) -> LoadReport:
+        """Load a checkpoint already mapped onto our key names. Every key that cannot be placed is named:
+        with `strict` any missing, unexpected or mis-shaped key raises and nothing is loaded; otherwise
+        the matching tensors load and the report lists the rest."""
+        own = self.state_dict()
+        report = LoadReport()
+        for key, value in state.items():
+            if key not in own:
+                report.unexpected.append(key)
+            elif own[key].shape != value.shape:
+                report.mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+            else:
+                report.loaded.append(key)
+        report.missing = sorted(k for k in own if k not in state)
+        if strict and not report.clean:
+            raise MethodError(f"{self.name}: {path} does not match the {self.name} checkpoint layout: "
+                              f"{report.summary()} (use load_official(path, strict=False) to load the rest)")
+        self.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+        return report
 
 
 MethodFactory = Callable[..., UHRMethod]
@@ -121,7 +177,8 @@ def build_method(name: str, num_classes: int, **cfg) -> UHRMethod:
     try:
         return cls(num_classes=num_classes, **cfg)
     except TypeError as exc:
-        raise MethodError(f"method '{cls.name}': bad config ({exc}); check methods.{cls.name}.model in params.yaml") from exc
+        raise MethodError(f"method '{cls.name}': bad config ({exc}); "
+                          f"check methods.{cls.name}.model in params.yaml") from exc
 
 
 def list_methods() -> dict[str, str]:

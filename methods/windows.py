@@ -40,8 +40,8 @@ def sliding_window_logits(
         images = F.pad(images, (0, pad_w, 0, pad_h))
     height, width = images.shape[-2:]
     grid = window_grid(height, width, window, stride)
-    total = images.new_zeros((b, num_classes, height, width))
-    count = images.new_zeros((1, 1, height, width))
+    total = torch.zeros((b, num_classes, height, width), dtype=torch.float32, device=images.device)
+    count = torch.zeros((1, 1, height, width), dtype=torch.float32, device=images.device)
     for start in range(0, len(grid), batch):
         chunk = grid[start:start + batch]
         crops = torch.cat([images[:, :, y:y + window, x:x + window] for y, x in chunk], dim=0)

@@ -1,5 +1,11 @@
 """Datasets: one module each, registered by name. Importing this package registers them all."""
-from datasets import synthetic  # noqa: F401  (registers synthetic)
+from datasets import (  # noqa: F401  (importing a dataset module registers it)
+    cityscapes,
+    deepglobe,
+    inria,
+    synthetic,
+    urur,
+)
 from datasets.base import (  # noqa: F401
     DatasetError,
     DatasetInfo,

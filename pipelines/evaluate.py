@@ -18,8 +18,8 @@ from tqdm import tqdm
 from datasets import PreparedDataset, get_dataset
 from datasets.base import colorize
 from methods import build_method, count_parameters, resolve_method_name
-from pipelines import tracking
-from pipelines.config import Config, ConfigError
+from pipelines import distributed, tracking
+from pipelines.config import Config, ConfigError, variant_label
 from pipelines.metrics import ConfusionMatrix, segmentation_scores
 from pipelines.train import checkpoint_dir
 
@@ -55,27 +55,51 @@ def panel(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, pa
 
 def evaluate(config: Config, dataset: str, method: str, split: str | None = None, device: str = "auto",
              overrides: dict | None = None) -> dict:
+    """Score a trained method on a split. Under torchrun each rank takes an unpadded share of the
+    images and the confusion matrices are summed, so no image is counted twice."""
     method = resolve_method_name(method)
+    ctx = distributed.init_distributed(tracking.resolve_device(device))
+    try:
+        return _evaluate(config, dataset, method, split, ctx, overrides)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _evaluate(config, dataset, method, split, ctx, overrides) -> dict:
     eval_cfg = config.section("evaluate")
     split = split or eval_cfg.get("split", "test")
     num_panels = int(eval_cfg.get("num_visualizations", 3))
+    tile, overlap = eval_cfg.get("tile_size"), int(eval_cfg.get("tile_overlap", 0) or 0)
     info = get_dataset(dataset).info
-    dev = tracking.resolve_device(device)
+    dev = ctx.device
     model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, dev)
     data = PreparedDataset(config.data_root / dataset, split)
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index, dev)
+    uncertainty = UncertaintyStats(info.fine_classes) if hasattr(model, "uncertainty_map") else None
     panels: list[tuple[str, Image.Image]] = []
     sizes: set[tuple[int, int]] = set()
     start = time.perf_counter()
     with torch.inference_mode():
-        for index in tqdm(range(len(data)), desc=f"evaluate {method} on {dataset}/{split}", unit="img"):
+        for index in tqdm(distributed.shard(len(data), ctx), desc=f"evaluate {method} on {dataset}/{split}",
+                          unit="img", disable=not ctx.is_primary):
             image, label, image_id = data[index]
             sizes.add(tuple(image.shape[-2:]))
-            prediction = model.predict(image[None].to(dev)).argmax(1)[0]
+            batch = image[None].to(dev)
+            logits = model.predict_tiled(batch, tile, overlap) if tile else model.predict(batch)
+            prediction = logits.argmax(1)[0]
+            del logits
             matrix.update(prediction, label.to(dev))
+            u1 = model.uncertainty_map(batch)[0, 0].cpu() if uncertainty is not None else None
+            if u1 is not None:
+                uncertainty.update(u1, label)
             if len(panels) < num_panels:
                 panels.append((image_id, panel(image, label, prediction.cpu(), info.palette)))
+                if u1 is not None:
+                    panels.append((f"{image_id}_uncertainty", uncertainty_panel(u1)))
+    matrix.all_reduce()
     seconds = time.perf_counter() - start
+    if not ctx.is_primary:
+        return {}
     scores = segmentation_scores(matrix.matrix, info.class_names, info.counted_classes)
     env = tracking.environment_info(dev)
     result = {
@@ -85,21 +109,28 @@ def evaluate(config: Config, dataset: str, method: str, split: str | None = None
         "fine_classes": [info.class_names[c] for c in info.fine_classes],
         "params_m": count_parameters(model) / 1e6,
         "device": env["device"], "device_name": env["device_name"], "precision": "fp32",
-        "input_size": sorted(f"{h}x{w}" for h, w in sizes),
-        "eval_seconds": seconds, "model_config": model_cfg, "profile": checkpoint["profile"],
+        "input_size": sorted(f"{h}x{w}" for h, w in sizes), "tile": f"{tile}/{overlap}" if tile else "whole",
+        "processes": ctx.world_size, "eval_seconds": seconds, "model_config": model_cfg,
+        "profile": checkpoint["profile"],
         "versions": {k: env[k] for k in ("torch", "timm", "cuda_compiled", "cudnn", "python")},
         "git_commit": env["git_commit"],
     }
+    if uncertainty is not None:
+        result.update(uncertainty.summary())
+    variant = variant_label(overrides)
+    result["variant"] = variant or "default"
     with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
-                              tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", "")}) as run:
+                              tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", ""),
+                                    "variant": result["variant"]}) as run:
         import mlflow
 
         mlflow.set_tags({f"env.{k}": v for k, v in env.items()})
         mlflow.log_params({"split": split, "precision": "fp32", "input_size": ",".join(result["input_size"]),
-                           **{f"model.{k}": v for k, v in model_cfg.items()}})
+                           "tile": result["tile"], **{f"model.{k}": v for k, v in model_cfg.items()}})
         metrics = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
                    "params_m": result["params_m"], "headline": result["headline_value"]}
         metrics.update({f"iou.{name}": v for name, v in scores["iou"].items() if v is not None})
+        metrics.update({k: v for k, v in result.items() if k.startswith("uncertainty_") and v is not None})
         mlflow.log_metrics(metrics)
         mlflow.log_dict({"classes": list(info.class_names), "rows": "ground truth", "columns": "prediction",
                          "matrix": matrix.matrix.cpu().tolist()}, "confusion_matrix.json")
@@ -109,11 +140,43 @@ def evaluate(config: Config, dataset: str, method: str, split: str | None = None
             if panels:
                 mlflow.log_artifacts(tmp, "predictions")
         result["mlflow_run_id"] = run.info.run_id
-        out = config.results_root / "metrics" / dataset / f"{method}.json"
+        out = config.results_root / "metrics" / dataset / f"{method}{'__' + variant if variant else ''}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         mlflow.log_artifact(str(out))
     return result
+
+
+class UncertaintyStats:
+    """Mean of a method's pixel uncertainty (RUE's U1) on fine-structure vs large-region pixels."""
+
+    def __init__(self, fine_classes: tuple[int, ...]) -> None:
+        self.fine_classes = list(fine_classes)
+        self.sums = {"fine": 0.0, "region": 0.0}
+        self.counts = {"fine": 0, "region": 0}
+
+    def update(self, u1: torch.Tensor, label: torch.Tensor) -> None:
+        valid = label != 255
+        fine = torch.isin(label, torch.tensor(self.fine_classes)) & valid
+        for key, mask in (("fine", fine), ("region", valid & ~fine)):
+            self.sums[key] += u1[mask].double().sum().item()
+            self.counts[key] += int(mask.sum())
+
+    def summary(self) -> dict:
+        return {f"uncertainty_{k}_mean": (self.sums[k] / self.counts[k] if self.counts[k] else None)
+                for k in self.sums}
+
+
+def uncertainty_panel(u1: torch.Tensor) -> Image.Image:
+    """U1 in [0, 1] as a magma-coloured image."""
+    from matplotlib import colormaps
+
+    rgb = (colormaps["magma"](u1.clamp(0, 1).numpy())[..., :3] * 255).astype(np.uint8)
+    strip = Image.fromarray(rgb)
+    scale = PANEL_MAX_SIDE / max(u1.shape)
+    if scale < 1:
+        strip = strip.resize((round(strip.width * scale), round(strip.height * scale)), Image.BILINEAR)
+    return strip
 
 
 def headline_value(scores: dict, headline: str) -> float:

@@ -1,7 +1,11 @@
 """Training stage: an iteration-based loop driven by a params.yaml recipe, one run per phase.
 
-Checkpoints are written atomically (temp file + rename) every `checkpoint_every` iterations and at
-the end; the final checkpoint holds what evaluation needs to rebuild the model.
+- Runs as one process or under `torchrun` (DDP; SyncBN on CUDA only; rank 0 logs and checkpoints).
+- Checkpoints are written atomically (temp file + rename) every `checkpoint_every` iterations and at
+  the end. An interrupted run of the same configuration resumes from `last.pt` exactly: model,
+  optimizer, scheduler, scaler, RNG states, data position and MLflow run all continue.
+- Data order and augmentation depend only on (seed, epoch, sample index), never on how far the
+  process got, which is what makes a resumed run bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -9,18 +13,20 @@ import contextlib
 import math
 import os
 import random
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from datasets import PreparedDataset, get_dataset
 from datasets.base import read_meta
 from datasets.transforms import training_transform
 from methods import UHRMethod, build_method, resolve_method_name
-from pipelines import tracking
+from pipelines import distributed, tracking
 from pipelines.config import Config, ConfigError, Recipe
 
 
@@ -28,11 +34,19 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Bit-reproducible kernels (slower); off by default, recorded with the run."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False if enabled else torch.backends.cudnn.benchmark
 
 
 def checkpoint_dir(config: Config, dataset: str, method: str) -> Path:
@@ -43,8 +57,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """Write to a temp file in the same folder, then rename: a crash never corrupts the last good one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def build_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
@@ -68,62 +86,148 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class SeededSamples(Dataset):
+    """Applies each sample's augmentation under its own seed (seed, epoch, index), without touching
+    the global RNG, so a resumed run sees exactly the samples an uninterrupted one would."""
+
+    def __init__(self, dataset: PreparedDataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            return self.dataset[index]
+
+
+@dataclass
+class Position:
+    """Where a phase is: optimizer steps done, and the data position (epoch, micro-batches into it)."""
+
+    iteration: int = 0
+    epoch: int = 0
+    offset: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def micro_batches(samples: SeededSamples, ctx: distributed.DistContext, batch: int, position: Position,
+                  workers: int, pin: bool):
+    """Endless micro-batches from `position` on; each epoch is a DistributedSampler permutation
+    (also with one process), so the order is a function of (seed, epoch) only."""
+    sampler = DistributedSampler(samples, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=samples.seed, drop_last=True)
+    while True:
+        sampler.set_epoch(position.epoch)
+        samples.epoch = position.epoch
+        order = list(sampler)[position.offset * batch:]
+        # a private generator: a new loader iterator must not draw from the global RNG (dropout's)
+        loader = DataLoader(samples, batch_size=batch, sampler=order, drop_last=True, num_workers=workers,
+                            pin_memory=pin, generator=torch.Generator().manual_seed(samples.seed + position.epoch))
+        for images, labels, _ in loader:
+            position.offset += 1
+            yield images, labels
+        position.epoch, position.offset = position.epoch + 1, 0
+
+
 def _autocast(device: torch.device, amp: str | None):
     if amp is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
-def _batches(loader):
-    """Endless iteration over the loader; the seeded sampler reshuffles every pass."""
-    while True:
-        yield from loader
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
-def train_phase(model: UHRMethod, phase, recipe: Recipe, dataset: PreparedDataset, device: torch.device,
-                generator: torch.Generator, workers: int = 0, log=None, on_checkpoint=None) -> list[float]:
-    """Run one phase for `recipe.iterations` iterations; returns the per-iteration total loss."""
-    if len(dataset) < recipe.batch_size:
-        raise ConfigError(f"batch_size {recipe.batch_size} exceeds the {len(dataset)} training images; lower it")
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def accumulation_steps(recipe: Recipe, world_size: int, batch_per_device: int | None) -> tuple[int, int]:
+    """(micro-batch per process, micro-batches per step) so that the global batch is the recipe's."""
+    per_device = batch_per_device or recipe.batch_size // world_size
+    if per_device < 1 or recipe.batch_size % (per_device * world_size):
+        raise ConfigError(f"batch_size {recipe.batch_size} is not a multiple of {world_size} process(es) x "
+                          f"train.batch_per_device {per_device}; change one of them")
+    return per_device, recipe.batch_size // (per_device * world_size)
+
+
+def train_phase(model: UHRMethod, phase, recipe: Recipe, samples: SeededSamples,
+                ctx: distributed.DistContext, position: Position, workers: int = 0, batch_per_device=None,
+                resume: dict | None = None, log=None, on_checkpoint=None) -> list[float]:
+    """Run one phase up to `recipe.iterations` optimizer steps from `position`; returns its losses."""
+    per_device, accum = accumulation_steps(recipe, ctx.world_size, batch_per_device)
+    if len(samples) // ctx.world_size < per_device:
+        raise ConfigError(f"a batch of {per_device} per process exceeds the {len(samples)} training images; "
+                          "lower batch_size")
     trainable = {id(p) for p in model.phase_parameters(phase)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
+    # wrapped per phase: DDP must be built after the phase decides which parameters train
+    step_module = distributed.training_module(model, ctx, getattr(model, "ddp_find_unused_parameters", False))
     optimizer = build_optimizer(recipe, model.phase_parameters(phase))
     scheduler = build_scheduler(recipe, optimizer)
-    scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and device.type == "cuda")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=recipe.batch_size, shuffle=True, drop_last=True, num_workers=workers,
-        generator=generator, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and ctx.device.type == "cuda")
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        restore_rng(resume["rng"])
     model.train()
     for name in phase.frozen_eval:
         model.get_submodule(name).eval()
-    losses: list[float] = []
-    batches = _batches(loader)
-    bar = tqdm(range(1, recipe.iterations + 1), desc=f"train {model.name}/{phase.name}", unit="it",
-               dynamic_ncols=True, mininterval=2.0)
-    for iteration in bar:
-        images, labels, _ = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with _autocast(device, recipe.amp):
-            terms = model.forward_train(images, labels)
-        loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{model.name}: loss became {loss.item()} at iteration {iteration} of phase "
-                                f"{phase.name}; lower the recipe's lr or enable a smaller batch/crop")
+    channels_last = recipe.channels_last and ctx.device.type == "cuda"
+    batches = micro_batches(samples, ctx, per_device, position, workers, ctx.device.type == "cuda")
+    bar = tqdm(total=recipe.iterations, initial=position.iteration, desc=f"train {model.name}/{phase.name}",
+               unit="it", dynamic_ncols=True, mininterval=2.0, disable=not ctx.is_primary)
+    while position.iteration < recipe.iterations:
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        total, terms_sum = 0.0, {}
+        for micro in range(accum):
+            images, labels = next(batches)
+            images = images.to(ctx.device, non_blocking=True)
+            labels = labels.to(ctx.device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sync = contextlib.nullcontext()
+            if ctx.distributed and micro < accum - 1:
+                sync = step_module.no_sync()  # all-reduce gradients once per step, not per micro-batch
+            with sync:
+                with _autocast(ctx.device, recipe.amp):
+                    terms = step_module(images, labels)
+                loss = sum(terms.values()) / accum
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"{model.name}: loss became {loss.item()} at iteration "
+                                        f"{position.iteration + 1} of phase {phase.name}; lower the recipe's lr")
+                scaler.scale(loss).backward()
+            total += loss.item()
+            for key, value in terms.items():
+                terms_sum[key] = terms_sum.get(key, 0.0) + value.item() / accum
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if log is not None and (iteration % recipe.log_every == 0 or iteration == recipe.iterations):
-            window = losses[-recipe.log_every:]
-            log({"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                 **{k: v.item() for k, v in terms.items()}}, iteration)
-        if on_checkpoint is not None and recipe.checkpoint_every and iteration % recipe.checkpoint_every == 0:
-            on_checkpoint(iteration, optimizer, scheduler)
-    return losses
+        position.iteration += 1
+        position.losses.append(distributed.all_reduce_mean(total, ctx))
+        bar.update(1)
+        bar.set_postfix(loss=f"{position.losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if log is not None and (position.iteration % recipe.log_every == 0 or position.iteration == recipe.iterations):
+            window = position.losses[-recipe.log_every:]
+            log({"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0], **terms_sum},
+                position.iteration)
+        if (on_checkpoint is not None and recipe.checkpoint_every
+                and position.iteration % recipe.checkpoint_every == 0 and position.iteration < recipe.iterations):
+            on_checkpoint(optimizer, scheduler, scaler)
+    bar.close()
+    return position.losses
 
 
 def train(config: Config, dataset: str, method: str, device: str = "auto", workers: int | None = None) -> Path:
@@ -132,59 +236,117 @@ def train(config: Config, dataset: str, method: str, device: str = "auto", worke
     info = get_dataset(dataset).info
     root = config.data_root / dataset
     read_meta(root)  # a clear error when the dataset is not prepared
-    dev = tracking.resolve_device(device)
     train_cfg = config.section("train")
     workers = train_cfg.get("workers", 0) if workers is None else workers
-    generator = seed_everything(config.seed)
+    set_deterministic(bool(train_cfg.get("deterministic", False)))
+    ctx = distributed.init_distributed(tracking.resolve_device(device))
+    try:
+        return _train(config, dataset, method, info, root, ctx, workers, train_cfg.get("batch_per_device"))
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) -> Path:
+    seed_everything(config.seed)
     model_cfg = config.method_model(method, dataset)
-    model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg).to(dev)
-    out_dir = checkpoint_dir(config, dataset, method)
-    params_hash = config.params_hash(method, dataset)
+    model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg).to(ctx.device)
     phases = model.phases
     recipes = [config.recipe(method, dataset, phase.recipe) for phase in phases]  # all errors before any work
+    if any(r.channels_last for r in recipes) and ctx.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    out_dir = checkpoint_dir(config, dataset, method)
+    params_hash = config.params_hash(method, dataset)
     payload = {"method": method, "dataset": dataset, "num_classes": info.num_classes,
                "ignore_index": info.ignore_index, "model_config": model_cfg, "seed": config.seed,
-               "profile": config.profile, "params_hash": params_hash}
+               "profile": config.profile, "params_hash": params_hash, "world_size": ctx.world_size}
+    resume = _resumable(out_dir / "last.pt", params_hash, ctx)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    nested = len(phases) > 1
+    run_ids: dict[str, str] = dict(resume["mlflow_run_ids"]) if resume else {}
+    history: dict[str, list[float]] = dict(resume["loss_history"]) if resume else {}
 
-    with tracking.tracked_run(dataset, method, "train", config.profile, params_hash) as run:
-        import mlflow
+    def run_factory(name: str, phase: str | None = None):
+        return lambda: tracking.tracked_run(dataset, method, "train", config.profile, params_hash,
+                                            nested=phase is not None, run_id=run_ids.get(name),
+                                            run_name=f"{method}-train" + (f"-{phase}" if phase else ""),
+                                            tags={"phase": phase} if phase else None)
 
-        mlflow.log_params({"seed": config.seed, "device": dev.type, **_flat("model", model_cfg)})
-        mlflow.set_tags({f"env.{k}": v for k, v in tracking.environment_info(dev).items()})
-        history: dict[str, list[float]] = {}
-        for phase, recipe in zip(phases, recipes):
+    with distributed.primary_only(ctx, run_factory("main")) as run:
+        if run is not None:
+            import mlflow
+
+            run_ids["main"] = run.info.run_id
+            if resume is None:
+                mlflow.log_params({"seed": config.seed, "device": ctx.device.type, "world_size": ctx.world_size,
+                                   **_flat("model", model_cfg)})
+                mlflow.set_tags({f"env.{k}": v for k, v in tracking.environment_info(ctx.device).items()})
+            else:
+                mlflow.set_tag("resumed_at", f"{resume['phase']}:{resume['position']['iteration']}")
+        for index, (phase, recipe) in enumerate(zip(phases, recipes, strict=True)):
+            if phase.name in history and (resume is None or resume["phase"] != phase.name):
+                continue  # finished before the interruption
             if hasattr(model, "set_phase"):
                 model.set_phase(phase.name)
-            data = PreparedDataset(root, "train", transform=training_transform(
+            resuming = resume is not None and resume["phase"] == phase.name
+            position = Position(**resume["position"]) if resuming else Position()
+            samples = SeededSamples(PreparedDataset(root, "train", transform=training_transform(
                 recipe.crop_size, recipe.resize_ratio, recipe.hflip, recipe.vflip, recipe.rot90, recipe.rotate,
-                recipe.photometric, recipe.cat_max_ratio))
-            nested = len(phases) > 1
-            with (tracking.tracked_run(dataset, method, "train", config.profile, params_hash, nested=True,
-                                       run_name=f"{method}-train-{phase.name}", tags={"phase": phase.name})
-                  if nested else contextlib.nullcontext(run)):
-                mlflow.log_params(_flat(f"recipe.{phase.name}" if nested else "recipe", asdict(recipe)))
+                recipe.photometric, recipe.cat_max_ratio)), config.seed + 1000 * index)
+            factory = run_factory(phase.name, phase.name) if nested else contextlib.nullcontext
+            with distributed.primary_only(ctx, factory) as phase_run:
+                log = None
+                if ctx.is_primary:
+                    import mlflow
 
-                def log(metrics, step, prefix=f"train/{phase.name}/" if nested else "train/"):
-                    mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step)
+                    if nested:
+                        run_ids[phase.name] = phase_run.info.run_id
+                    if not resuming:
+                        mlflow.log_params(_flat(f"recipe.{phase.name}" if nested else "recipe", asdict(recipe)))
+                    prefix = f"train/{phase.name}/" if nested else "train/"
 
-                def on_checkpoint(iteration, optimizer, scheduler, phase=phase):
-                    save_checkpoint(out_dir / "last.pt", {**payload, "phase": phase.name, "iteration": iteration,
-                                                          "model": model.state_dict(),
-                                                          "optimizer": optimizer.state_dict(),
-                                                          "scheduler": scheduler.state_dict(),
-                                                          "mlflow_run_id": run.info.run_id})
+                    def log(metrics, step, prefix=prefix):
+                        mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step)
 
-                history[phase.name] = train_phase(model, phase, recipe, data, dev, generator, workers, log,
-                                                  on_checkpoint)
+                def on_checkpoint(optimizer, scheduler, scaler, phase=phase, position=position):
+                    if ctx.is_primary:
+                        save_checkpoint(out_dir / "last.pt", {
+                            **payload, "phase": phase.name, "position": asdict(position), "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(), "rng": rng_state(), "mlflow_run_ids": run_ids,
+                            "loss_history": history})
+                    distributed.barrier(ctx)
+
+                history[phase.name] = train_phase(model, phase, recipe, samples, ctx, position, workers,
+                                                  batch_per_device, resume if resuming else None, log, on_checkpoint)
+            resume = None
         final = out_dir / "final.pt"
-        save_checkpoint(final, {**payload, "model": model.state_dict(), "loss_history": history,
-                                "mlflow_run_id": run.info.run_id})
-        last = out_dir / "last.pt"
-        if last.exists():
-            last.unlink()  # the run finished; final.pt supersedes the in-progress checkpoint
-        mlflow.log_param("checkpoint", str(final))
-        mlflow.log_metric("train/final_loss", _mean_tail(history))
+        if ctx.is_primary:
+            save_checkpoint(final, {**payload, "model": model.state_dict(), "loss_history": history,
+                                    "mlflow_run_id": run_ids["main"]})
+            if (out_dir / "last.pt").exists():
+                (out_dir / "last.pt").unlink()  # finished: final.pt supersedes the in-progress checkpoint
+            import mlflow
+
+            mlflow.log_param("checkpoint", str(final))
+            mlflow.log_metric("train/final_loss", _mean_tail(history))
     return final
+
+
+def _resumable(path: Path, params_hash: str, ctx: distributed.DistContext) -> dict | None:
+    """The interrupted run's checkpoint when it belongs to the same configuration, else None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("params_hash") != params_hash or state.get("world_size") != ctx.world_size:
+        if ctx.is_primary:
+            tqdm.write(f"not resuming from {path}: it belongs to another configuration; starting afresh",
+                       file=sys.stderr)
+        return None
+    if ctx.is_primary:
+        tqdm.write(f"resuming from {path} (phase {state['phase']}, iteration {state['position']['iteration']})",
+                   file=sys.stderr)
+    return state
 
 
 def _mean_tail(history: dict[str, list[float]], n: int = 20) -> float:

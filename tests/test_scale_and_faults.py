@@ -1,0 +1,186 @@
+"""Training at scale and surviving faults: DDP on CPU (gloo), exact resume after SIGKILL, atomic
+checkpoints, and tiled evaluation of an 8192x8192 image."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO, tiny_params
+from PIL import Image
+
+from pipelines import train as train_module
+from pipelines.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args, env=None, nproc: int = 1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(REPO / "bench.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def env(mlflow_store):
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def three_image_dataset(root: Path) -> Path:
+    """An odd number of test images, so a padded sampler would double-count one of them."""
+    from datasets.synthetic import prepare
+
+    prepare(root / "synthetic", None, image_size=96, num_images=7, splits={"train": 4, "val": 0, "test": 3},
+            seed=1, workers=1, progress=False)
+    return root
+
+
+def test_ddp_gloo_train_and_evaluate_match_single_process(tmp_path, env):
+    data = three_image_dataset(tmp_path / "data")
+    params = tiny_params(tmp_path, data, iterations=2)
+    raw = yaml.safe_load(params.read_text())
+    raw["datasets"]["synthetic"] = {"image_size": 96, "num_images": 7, "splits": {"train": 4, "val": 0, "test": 3}}
+    params.write_text(yaml.safe_dump(raw))
+    common = ["--dataset", "synthetic", "--method", "local", "--params", str(params)]
+
+    # `--nproc 2` relaunches under torchrun: two gloo processes, global batch 2 = 1 per process
+    trained = bench("train", *common, "--nproc", "2", env=env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "synthetic" / "local" / "final.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["loss_history"]["main"]) == 2
+
+    metrics = tmp_path / "results" / "metrics" / "synthetic" / "local.json"
+    single = bench("evaluate", *common, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    one = json.loads(metrics.read_text())
+    double = bench("evaluate", *common, env=env, nproc=2)
+    assert double.returncode == 0, double.stderr[-2000:]
+    two = json.loads(metrics.read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert one["pixels"] == two["pixels"] == 3 * 96 * 96  # every test pixel exactly once
+    assert one["iou"] == two["iou"] and one["pixel_accuracy"] == two["pixel_accuracy"]
+
+
+def resume_params(tmp_path: Path, data: Path) -> Path:
+    params = tiny_params(tmp_path, data, iterations=24)
+    raw = yaml.safe_load(params.read_text())
+    raw["train"]["deterministic"] = True
+    raw["methods"]["global"]["recipes"]["smoke"]["synthetic"].update(checkpoint_every=4, log_every=4)
+    params.write_text(yaml.safe_dump(raw))
+    return params
+
+
+def test_sigkilled_training_resumes_to_identical_weights(tmp_path, tiny_synthetic, env):
+    reference_dir, crash_dir = tmp_path / "reference", tmp_path / "crash"
+    reference_dir.mkdir()
+    crash_dir.mkdir()
+    args = ["train", "--dataset", "synthetic", "--method", "global", "--params"]
+
+    done = bench(*args, str(resume_params(reference_dir, tiny_synthetic)), env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = torch.load(reference_dir / "checkpoints" / "synthetic" / "global" / "final.pt", weights_only=False)
+
+    crash_params = resume_params(crash_dir, tiny_synthetic)
+    out_dir = crash_dir / "checkpoints" / "synthetic" / "global"
+    process = subprocess.Popen([sys.executable, str(REPO / "bench.py"), *args, str(crash_params)], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out_dir / "last.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out_dir / "final.pt").exists(), "the run finished before it could be killed"
+    interrupted = torch.load(out_dir / "last.pt", weights_only=False)
+    assert 0 < interrupted["position"]["iteration"] < 24
+
+    resumed = bench(*args, str(crash_params), env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {out_dir / 'last.pt'}" in resumed.stderr
+    final = torch.load(out_dir / "final.pt", weights_only=False)
+    assert final["loss_history"] == reference["loss_history"]
+    for key, value in reference["model"].items():
+        assert torch.equal(final["model"][key], value), key
+    assert final["mlflow_run_id"] == interrupted["mlflow_run_ids"]["main"]  # the same MLflow run goes on
+
+    # and the metrics of the two runs are the same
+    metrics = {}
+    for name, folder in (("reference", reference_dir), ("resumed", crash_dir)):
+        result = bench("evaluate", "--dataset", "synthetic", "--method", "global", "--params",
+                       str(folder / "params.yaml"), env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics[name] = json.loads((folder / "results" / "metrics" / "synthetic" / "global.json").read_text())
+    assert metrics["reference"]["iou"] == metrics["resumed"]["iou"]
+
+
+def test_other_configuration_does_not_resume(tmp_path, tiny_synthetic, mlflow_store):
+    params = resume_params(tmp_path, tiny_synthetic)
+    stale = tmp_path / "checkpoints" / "synthetic" / "global" / "last.pt"
+    train_module.save_checkpoint(stale, {"params_hash": "something-else", "world_size": 1})
+    config = load_config(params, ["methods.global.recipes.smoke.synthetic.iterations=2"])
+    final = torch.load(train_module.train(config, "synthetic", "global"), weights_only=False)
+    assert len(final["loss_history"]["main"]) == 2 and not stale.exists()
+
+
+def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    train_module.save_checkpoint(path, {"iteration": 4, "weights": torch.ones(3)})
+
+    def dies_half_way(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module.torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        train_module.save_checkpoint(path, {"iteration": 8, "weights": torch.zeros(3)})
+    monkeypatch.undo()
+    kept = torch.load(path, weights_only=False)
+    assert kept["iteration"] == 4 and torch.equal(kept["weights"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def test_tiled_evaluation_of_an_8192_image_stays_within_ram(tmp_path, tiny_synthetic, env):
+    # one 8192x8192 test image (a 1024 synthetic tile repeated 8x8), a trained global model, tiled inference
+    from datasets.base import write_split
+    from datasets.synthetic import generate_image
+
+    root = tmp_path / "data" / "synthetic"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    image, label = generate_image(1024, 3, 0)
+    Image.fromarray(np.tile(image, (8, 8, 1))).save(root / "images" / "huge.png", compress_level=1)
+    Image.fromarray(np.tile(label, (8, 8))).save(root / "labels" / "huge.png", compress_level=1)
+    for split in ("train", "val"):
+        write_split(root, split, [])
+    write_split(root, "test", ["huge"])
+    (root / "meta.json").write_text(json.dumps({"dataset": "synthetic"}))
+
+    params = tiny_params(tmp_path, tmp_path / "data")
+    config = load_config(params)
+    model_dir = train_module.checkpoint_dir(config, "synthetic", "global")
+    (tmp_path / "train").mkdir()
+    source = tiny_params(tmp_path / "train", tiny_synthetic, iterations=2)
+    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trained = bench("train", "--dataset", "synthetic", "--method", "global", "--params", str(source), env=env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    model_dir.mkdir(parents=True)
+    os.replace(tmp_path / "train" / "checkpoints" / "synthetic" / "global" / "final.pt", model_dir / "final.pt")
+
+    probe = (f"import resource, runpy, sys; sys.argv = ['bench.py', 'evaluate', '--dataset', 'synthetic', "
+             f"'--method', 'global', '--params', {str(params)!r}, '--set', 'evaluate.tile_size=2048', "
+             f"'--set', 'evaluate.tile_overlap=128'];\n"
+             "try:\n    runpy.run_path('bench.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak_gb = int(result.stdout.split("PEAK_KB")[1]) / 2**20
+    metrics = json.loads((tmp_path / "results" / "metrics" / "synthetic" / "global.json").read_text())
+    assert metrics["pixels"] == 8192 * 8192 and metrics["tile"] == "2048/128"
+    assert peak_gb < 8, f"peak RSS {peak_gb:.1f} GB"

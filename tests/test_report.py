@@ -1,0 +1,234 @@
+"""Report tables and plots from an MLflow store built with known runs (no training)."""
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+
+CLASSES = ("unknown", "urban", "agriculture", "rangeland", "forest", "water", "barren")  # synthetic == DeepGlobe
+
+
+def _run(client, exp, method, stage, metrics, tags=None, params=None, variant="default"):
+    run = client.create_run(exp, tags={"method": method, "stage": stage, "variant": variant, "profile": "smoke",
+                                       "git_commit": "abc1234", "env.device_name": "Test GPU", **(tags or {})})
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    for key, value in (params or {}).items():
+        client.log_param(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    time.sleep(0.01)  # distinct start times: "latest" is well defined
+    return run.info.run_id
+
+
+def _evaluate(client, exp, method, headline, variant="default", k=None):
+    metrics = {"headline": headline, "miou": headline, "params_m": 12.3456}
+    metrics.update({f"iou.{name}": headline for name in CLASSES[1:]})
+    return _run(client, exp, method, "evaluate", metrics, params={"model.k": k} if k is not None else {},
+                variant=variant)
+
+
+def _measure(client, exp, method, fps, mem, variant="default"):
+    return _run(client, exp, method, "measure",
+                {"fps": fps, "latency_ms_median": 1000 / fps, "latency_ms_p90": 1100 / fps,
+                 "nvml_process_peak_mib": mem + 300, "torch_max_allocated_mib": mem, "gmacs": 100.0},
+                tags={"precision": "fp32", "input_size": "2448x2448", "scale": "1.0",
+                      "rss_peak_growth_mib": "unavailable"}, variant=variant)
+
+
+@pytest.fixture
+def store(mlflow_store):
+    mlflow.set_tracking_uri(mlflow_store)
+    client = MlflowClient(mlflow_store)
+    exp = client.create_experiment("uhrbench-deepglobe")
+    _evaluate(client, exp, "isdnet", 0.70)  # older, superseded
+    _evaluate(client, exp, "isdnet", 0.74)
+    _measure(client, exp, "isdnet", 30.0, 2000.0)
+    _evaluate(client, exp, "rue", 0.76, k=1.0)
+    _measure(client, exp, "rue", 40.0, 1500.0)
+    _evaluate(client, exp, "rue", 0.72, variant="k0.25", k=1.0)
+    _measure(client, exp, "rue", 70.0, 1400.0, variant="k0.25")
+    _evaluate(client, exp, "glnet", 0.65)  # evaluated, never measured
+    return client
+
+
+def _config(tmp_path, datasets=("deepglobe",)):
+    return load_config(None, [f"results_root={tmp_path / 'results'}",
+                              f"benchmark.datasets=[{','.join(datasets)}]"])
+
+
+def test_compare_table_shows_k_and_not_measured(store):
+    from pipelines.report import comparison_table, format_table
+
+    table = comparison_table("deepglobe")
+    assert list(table["method"]) == ["glnet", "isdnet", "rue", "rue"]
+    assert list(table.columns[:3]) == ["method", "K", "variant"]
+    rue = table[table["method"] == "rue"]
+    assert list(rue["K"]) == [1.0, 0.25] and list(rue["variant"]) == ["default", "k0.25"]
+    assert list(rue["FPS"]) == [40.0, 70.0]
+    glnet = table.iloc[0]
+    assert glnet["K"] == "" and glnet["FPS"] == "not measured" and glnet["mIoU"] == 65.0
+    isdnet = table.iloc[1]
+    assert isdnet["mIoU"] == 74.0 and isdnet["torch peak alloc (MB)"] == 2000.0 and isdnet["NVML peak (MB)"] == 2300.0
+    assert isdnet["CPU RSS growth (MB)"] == "unavailable" and isdnet["params (M)"] == 12.35
+    md = format_table(table, "md")
+    assert "| rue      | 0.25 | k0.25" in md and "| glnet    |      | default" in md
+    csv = format_table(table, "csv").splitlines()
+    assert csv[0].startswith("method,K,variant,mIoU,IoU unknown,IoU urban")
+    assert csv[1].startswith("glnet,,default,65.0,,65.0")
+    assert "\\begin{tabular}" in format_table(table, "latex")
+
+
+def test_isdnet_table_published_vs_ours(store):
+    from pipelines.report import format_table, isdnet_table
+
+    table = isdnet_table("deepglobe").set_index("method")
+    isd = table.loc["ISDNet"]
+    assert (isd["mIoU (published)"], isd["mIoU (ours)"],
+            isd["mIoU Δ (ours − published)"]) == ("73.30", "74.00", "+0.70")
+    assert (isd["FPS (published)"], isd["FPS (ours)"], isd["FPS Δ (ours − published)"]) == ("27.70", "30.00", "+2.30")
+    assert (isd["memory (MB) (published)"], isd["memory (MB) (ours)"],
+            isd["memory (MB) Δ (ours − published)"]) == ("1948", "2000", "+52")
+    gl = table.loc["GLNet"]
+    assert gl["mIoU (ours)"] == "65.00" and gl["mIoU Δ (ours − published)"] == "-6.60"
+    assert gl["FPS (ours)"] == "not measured (no measure run)" and gl["FPS Δ (ours − published)"] == ""
+    fcn = table.loc["FCN-8s (local inference)"]
+    assert fcn["mIoU (ours)"] == fcn["FPS (ours)"] == fcn["memory (MB) (ours)"] == "published only"
+    assert fcn["FPS (published)"] == "—"
+    assert table.loc["DeepLabv3+ (global inference)", "mIoU (ours)"] == "published only"
+    assert table.loc["CascadePSP", "FPS (published)"] == "< 1"
+    # no inria run at all
+    inria = isdnet_table("inria").set_index("method")
+    assert inria.loc["ISDNet", "IoU building (published)"] == "74.23"  # Inria's headline: building IoU
+    assert inria.loc["ISDNet", "IoU building (ours)"] == "not measured (no inria run)"
+    assert inria.loc["ISDNet", "IoU building Δ (ours − published)"] == ""
+    assert inria.loc["FCtL", "FPS (ours)"] == "published only"
+    lines = format_table(isdnet_table("deepglobe"), "csv").splitlines()
+    assert lines[-1] == ("ISDNet,73.30,74.00,+0.70,27.70,30.00,+2.30,1948,2000,+52,isdnet,"
+                         "[paper]; memory most likely max_memory_allocated (ISDNet#24)")
+
+
+def test_rue_table_includes_k_sweep(store, tmp_path):
+    from pipelines.report import rue_table
+
+    table = rue_table("deepglobe").set_index("method")
+    assert table.loc["RUE (K = 100%)", "mIoU (ours)"] == "76.00"
+    assert table.loc["RUE (K = 100%)", "FPS Δ (ours − published)"] == "-4.40"
+    assert table.loc["RUE (K = 50%)", "mIoU (ours)"] == "not measured (no rue K=0.5 run)"
+    extra = table.loc["RUE (K = 25%)"]
+    assert (extra["mIoU (published)"], extra["mIoU (ours)"], extra["FPS (ours)"]) == ("not published", "72.00", "70.00")
+    assert extra["provenance"] == "ours only (K sweep)"
+    assert table.loc["WSDNet", "mIoU (ours)"] == "published only"
+    assert rue_table("urur").loc[0, "mIoU (ours)"] == "not measured (no urur run)"
+    # a sweep csv adds the K the store does not have
+    sweep = tmp_path / "rue_k.csv"
+    pd.DataFrame([{"K": 0.5, "mIoU": 73.0, "headline": 73.0, "FPS": 55.0, "device": "Test GPU"}]).to_csv(sweep,
+                                                                                                         index=False)
+    with_csv = rue_table("deepglobe", sweep_csv=sweep).set_index("method")
+    assert with_csv.loc["RUE (K = 50%)", "mIoU (ours)"] == "73.00"
+    assert with_csv.loc["RUE (K = 50%)", "mIoU Δ (ours − published)"] == "-0.70"
+
+
+def test_uhrsnet_ablation_table(tmp_path):
+    from pipelines.report import uhrsnet_ablation_table
+
+    missing = uhrsnet_ablation_table("deepglobe", tmp_path / "uhrsnet_ablation_deepglobe.csv")
+    assert len(missing) == 5 and set(missing["mIoU (ours)"]) == {"not measured (no uhrsnet_ablation_deepglobe.csv)"}
+    full = missing.iloc[-1]
+    assert full["mIoU (published)"] == '72.0 ("global"), 71.4 ("local")'
+    assert missing.iloc[0]["mIoU (published)"] == "—"
+    csv = tmp_path / "uhrsnet_ablation_deepglobe.csv"
+    csv.write_text("configuration,local branch,LFF,global branch,mIoU (ours),mIoU (published)\n"
+                   "local,x,,,60.50,n/a\nglobal + local + LFF,x,x,x,70.25,\"72.0 (\"\"global\"\")\"\n")
+    table = uhrsnet_ablation_table("deepglobe", csv)
+    assert list(table["mIoU (ours)"]) == ["60.50", "not measured (row not trained)", "not measured (row not trained)",
+                                          "not measured (row not trained)", "70.25"]
+    assert table.iloc[-1]['mIoU Δ (ours − published "global")'] == "-1.75"
+    assert table.iloc[0]['mIoU Δ (ours − published "global")'] == "no published value"
+
+
+def test_tables_command_writes_every_format(store, tmp_path):
+    from click.testing import CliRunner
+
+    from bench import cli
+
+    params = tmp_path / "params.yaml"
+    params.write_text((__import__("pathlib").Path(__file__).parent.parent / "params.yaml").read_text()
+                      .replace("results_root: results", f"results_root: {tmp_path / 'results'}"))
+    result = CliRunner().invoke(cli, ["tables", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results" / "tables"
+    names = sorted(p.name for p in out.iterdir())
+    for stem in ("paper_isdnet_deepglobe", "paper_isdnet_inria", "paper_isdnet_cityscapes", "paper_rue_deepglobe",
+                 "paper_rue_inria", "paper_rue_urur", "paper_uhrsnet_ablation_deepglobe"):
+        assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex"} <= set(names)
+    md = (out / "paper_isdnet_deepglobe.md").read_text()
+    assert md.startswith("# ISDNet (CVPR'22) deepglobe comparison")
+    assert "| ISDNet " in md and "| 73.30 " in md and "| +0.70 " in md and "published only" in md
+    assert "run " in md and "commit abc1234" in md and "Test GPU" in md and "0.8x" in md
+    tex = (out / "paper_isdnet_cityscapes.tex").read_text()
+    assert "\\begin{tabular}" in tex and "not measured (no cityscapes run)" in tex
+    assert pd.read_csv(out / "paper_rue_inria.csv").shape == (10, 9)
+
+
+def test_plots_points_and_png(store, tmp_path):
+    from pipelines import plots
+    from pipelines.report import our_results
+
+    ours = our_results("deepglobe")
+    mine = plots.our_points(ours)
+    assert [p["label"] for p in mine] == ["isdnet", "rue K=1", "rue K=0.25"]  # glnet has no FPS: not drawn
+    published = plots.published_points("deepglobe")
+    # DeepGlobe rows with a numeric FPS: GLNet 0.17, MagNet-Fast, ISDNet (table) + CascadePSP, PPN, WSDNet, SGHRQ,
+    # RUE x3 (figure); GLNet/FCtL "< 1" in the figure do not replace the table's numbers
+    assert sorted(p["label"] for p in published) == sorted(
+        ["GLNet", "MagNet-Fast", "ISDNet", "CascadePSP", "PPN", "WSDNet", "SGHRQ", "RUE (K = 100%)", "RUE (K = 75%)",
+         "RUE (K = 50%)"])
+    path = tmp_path / "acc.png"
+    drawn = plots.accuracy_vs_fps({"deepglobe": published + mine, "inria": plots.published_points("inria")}, path)
+    assert len(drawn["deepglobe"]) == 13 and len(drawn["inria"]) == 8
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_writes_tables_plots_readme(store, tmp_path):
+    from pipelines.report import report
+
+    config = _config(tmp_path)
+    sweep = tmp_path / "results" / "measure" / "deepglobe"
+    sweep.mkdir(parents=True)
+    pd.DataFrame({"size": [1024, 2048, 4096], "megapixels": [1.048576, 4.194304, 16.777216],
+                  "status": ["ok", "ok", "OOM"], "latency_ms_median": [10.0, 40.0, None],
+                  "torch_max_allocated_mib": [100.0, 400.0, None]}).to_csv(sweep / "isdnet_sweep.csv", index=False)
+    written = report(config)
+    root = tmp_path / "results"
+    assert (root / "tables" / "compare_deepglobe.md").is_file()
+    assert "| isdnet " in (root / "tables" / "compare_deepglobe.md").read_text()
+    pngs = sorted(p.name for p in (root / "plots").iterdir())
+    assert pngs == ["accuracy_vs_fps.png", "k_sweep.png", "scaling_deepglobe.png"]
+    for name in pngs:
+        assert (root / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (root / "README.md").read_text()
+    assert root / "README.md" in written
+    assert "tables/paper_isdnet_deepglobe.md" in readme and "tables/compare_deepglobe.md" in readme
+    assert "commit abc1234" in readme and "Test GPU" in readme and "0.8x" in readme
+    assert "max_memory_allocated" in readme and "building IoU" in readme
+    assert "plots/k_sweep.png" in readme
+
+
+def test_scaling_and_k_sweep_data(tmp_path):
+    from pipelines import plots
+
+    frame = pd.DataFrame({"size": [1024, 2048, 4096], "megapixels": [1.0, 4.0, 16.0], "status": ["ok", "ok", "OOM"],
+                          "latency_ms_median": [10.0, 40.0, None], "torch_max_allocated_mib": ["unavailable"] * 3,
+                          "rss_peak_growth_mib": [50.0, 200.0, None]})
+    drawn = plots.scaling("synthetic", {"global": frame}, tmp_path / "s.png")
+    assert drawn["global"]["latency"] == [(1.0, 10.0), (4.0, 40.0)]
+    assert drawn["global"]["memory"] == [(1.0, 50.0), (4.0, 200.0)]
+    curves = plots.k_sweep({"deepglobe": {"published": [(1.0, 44.4, 75.1), (0.5, 57.0, 73.7)],
+                                          "ours": [(1.0, 40.0, 76.0)]}}, tmp_path / "k.png")
+    assert len(curves["deepglobe"]["published"]) == 2
+    assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -27,6 +28,22 @@ def one_line_errors(func):
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
 
     return wrapper
+
+
+def _torchrun(nproc: int) -> int:
+    """Re-run this very command under PyTorch's launcher with `nproc` processes."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", sys.argv[0], *argv])
 
 
 def _config(params: str | None, overrides: tuple[str, ...] = ()):
@@ -72,14 +89,17 @@ def env(device: str) -> None:
 @cli.command()
 @click.option("--dataset", required=True)
 @click.option("--source", default=None, help="local archive or folder; nothing is downloaded")
+@click.option("--force", is_flag=True, help="overwrite an existing prepared dataset")
+@click.option("--allow-incomplete", is_flag=True, help="prepare what is present and list what is missing")
 @click.option("--params", default=None, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @one_line_errors
-def prepare(dataset: str, source: str | None, params: str | None, overrides: tuple[str, ...]) -> None:
+def prepare(dataset: str, source: str | None, force: bool, allow_incomplete: bool, params: str | None,
+            overrides: tuple[str, ...]) -> None:
     """Obtain, verify and convert a dataset into the prepared layout."""
     from pipelines.prepare import prepare as run
 
-    summary = run(_config(params, overrides), dataset, source)
+    summary = run(_config(params, overrides), dataset, source, force=force, allow_incomplete=allow_incomplete)
     click.echo(f"prepared {dataset}: {summary.get('images', '?')} images in {summary.get('path', '')}")
 
 
@@ -87,15 +107,22 @@ def prepare(dataset: str, source: str | None, params: str | None, overrides: tup
 @click.option("--dataset", required=True)
 @click.option("--method", required=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="processes on this node: N > 1 relaunches this command under torchrun (DDP)")
 @click.option("--params", default=None, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @one_line_errors
-def train(dataset: str, method: str, device: str, params: str | None, overrides: tuple[str, ...]) -> None:
-    """Train a method on a dataset with its recipe for the current profile."""
+def train(dataset: str, method: str, device: str, nproc: int, params: str | None, overrides: tuple[str, ...]) -> None:
+    """Train a method on a dataset with its recipe for the current profile.
+
+    Multi-node: launch `torchrun ... bench.py train ...` yourself; each process joins the group."""
+    if nproc > 1 and "RANK" not in os.environ:
+        sys.exit(_torchrun(nproc))
     from pipelines.train import train as run
 
     path = run(_config(params, overrides), dataset, method, device)
-    click.echo(f"checkpoint: {path}")
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"checkpoint: {path}")
 
 
 @cli.command()
@@ -116,8 +143,9 @@ def evaluate(dataset: str, method: str, split: str | None, device: str, params: 
     config = _config(params, overrides)
     name = resolve_method_name(method)
     result = run(config, dataset, name, split, device, model_overrides(list(overrides), name))
-    click.echo(f"{name} on {dataset}/{result['split']}: mIoU {100 * result['miou']:.2f} "
-               f"(pixel accuracy {100 * result['pixel_accuracy']:.2f})")
+    if result:  # under torchrun only rank 0 has the scores
+        click.echo(f"{name} on {dataset}/{result['split']}: mIoU {100 * result['miou']:.2f} "
+                   f"(pixel accuracy {100 * result['pixel_accuracy']:.2f})")
 
 
 @cli.command()
@@ -144,10 +172,68 @@ def compare(dataset: str, fmt: str, output: str | None, run_ids: tuple[str, ...]
 
 
 @cli.command()
+@click.option("--dataset", required=True)
+@click.option("--method", required=True)
+@click.option("--scale", type=float, default=None, help="input scale of the native size (1.0; 0.8 = upstream fps_test)")
+@click.option("--amp", type=click.Choice(["fp16", "bf16"]), default=None, help="autocast precision (default fp32)")
+@click.option("--channels-last", is_flag=True, default=None, help="NHWC model and input")
+@click.option("--dummy", is_flag=True, default=None, help="random tensor instead of real test-split images")
+@click.option("--untrained", is_flag=True, help="build from params even when a trained checkpoint exists")
+@click.option("--sweep", default=None, help="comma-separated square sizes (e.g. 1024,2048,4096); "
+              "'default' = measure.sweep in params.yaml")
+@click.option("--device", default=None, help="default: measure.device in params.yaml (auto)")
+@click.option("--params", default=None, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@one_line_errors
+def measure(dataset: str, method: str, scale: float | None, amp: str | None, channels_last: bool | None,
+            dummy: bool | None, untrained: bool, sweep: str | None, device: str | None, params: str | None,
+            overrides: tuple[str, ...]) -> None:
+    """Latency (median/p90, FPS), memory (NVML, torch, RSS), parameters and MACs of one method."""
+    from methods import resolve_method_name
+    from pipelines.config import model_overrides
+    from pipelines.measure import format_summary, parse_sizes
+    from pipelines.measure import measure as run
+
+    config = _config(params, overrides)
+    name = resolve_method_name(method)
+    result = run(config, dataset, name, device, scale, amp, channels_last or None, dummy or None, untrained,
+                 parse_sizes(sweep, config), model_overrides(list(overrides), name))
+    click.echo(format_summary(result))
+
+
+@cli.command()
+@click.option("--dataset", required=True)
+@click.option("--method", required=True)
+@click.option("--k", "ks", default="1.0,0.75,0.5,0.25", show_default=True, help="comma-separated K values")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--params", default=None, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@one_line_errors
+def sweep(dataset: str, method: str, ks: str, device: str, params: str | None, overrides: tuple[str, ...]) -> None:
+    """Evaluate and measure a trained method at several K (share of refined patches): accuracy vs FPS."""
+    from pipelines.sweep import parse_ks
+    from pipelines.sweep import sweep as run
+
+    table = run(_config(params, overrides), dataset, method, parse_ks(ks), device)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+
+
+@cli.command()
+@click.option("--params", default=None, help=PARAMS_HELP)
+@one_line_errors
+def tables(params: str | None) -> None:
+    """Regenerate the published tables (ISDNet, RUE, UHRSNet) with our numbers beside them in results/tables/."""
+    from pipelines.report import tables as run
+
+    for path in run(_config(params)):
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
 @click.option("--params", default=None, help=PARAMS_HELP)
 @one_line_errors
 def report(params: str | None) -> None:
-    """Write the comparison tables of every benchmark dataset to results/tables/."""
+    """Comparison tables, published tables (`tables`), plots and results/README.md."""
     from pipelines.report import report as run
 
     for path in run(_config(params)):

@@ -1,5 +1,5 @@
 """Methods: one module each, registered by name. Importing this package registers them all."""
-from methods import baselines  # noqa: F401  (registers global, local)
+from methods import baselines, glnet, isdnet, rue  # noqa: F401  (importing a method module registers it)
 from methods.base import (  # noqa: F401
     MethodError,
     Phase,

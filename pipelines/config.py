@@ -49,6 +49,7 @@ class Recipe:
     photometric: bool = False
     cat_max_ratio: float | None = None
     amp: str | None = None  # None, "fp16" or "bf16" (CUDA only)
+    channels_last: bool = False  # NHWC memory format (CUDA only)
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
 
@@ -59,7 +60,8 @@ class Recipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown recipe key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+            raise ConfigError(f"{where}: unknown recipe key(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(sorted(known))}")
         missing = [k for k in ("iterations", "batch_size", "lr") if k not in raw]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
@@ -217,6 +219,15 @@ def model_overrides(overrides: list[str], method: str) -> dict:
     return out
 
 
+def variant_label(overrides: dict | None) -> str:
+    """'' without runtime overrides, else e.g. 'k0.5': names result files and MLflow runs of a
+    variant so they never overwrite the default (DVC-tracked) ones."""
+    if not overrides:
+        return ""
+    return "_".join(f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}"
+                    for key, value in sorted(overrides.items()))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Parse and validate params.yaml; any problem is a one-line ConfigError."""
     path = Path(path) if path else DEFAULT_PARAMS
@@ -247,7 +258,8 @@ def validate(config: Config) -> None:
     raw = config.raw
     for key in ("profile", "benchmark", "datasets", "methods"):
         if key not in raw:
-            raise ConfigError(f"{config.path} is missing the top-level key '{key}'; see the README's params.yaml section")
+            raise ConfigError(f"{config.path} is missing the top-level key '{key}'; "
+                              "see the README's params.yaml section")
     if raw["profile"] not in PROFILES:
         raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got '{raw['profile']}'")
     bench = raw["benchmark"]

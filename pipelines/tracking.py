@@ -63,14 +63,20 @@ def ensure_experiment(dataset: str) -> str:
 
 @contextlib.contextmanager
 def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash: str = "",
-                nested: bool = False, run_name: str | None = None, tags: dict | None = None):
-    """An MLflow run tagged method/dataset/stage/profile/git commit/params hash."""
+                nested: bool = False, run_name: str | None = None, tags: dict | None = None,
+                run_id: str | None = None):
+    """An MLflow run tagged method/dataset/stage/profile/git commit/params hash; `run_id` reopens an
+    existing run (a resumed training)."""
     mlflow = _mlflow()
     experiment_id = ensure_experiment(dataset)
     all_tags = {"method": method, "dataset": dataset, "stage": stage, "profile": profile,
                 "git_commit": git_commit(), "params_hash": params_hash,
                 "dvc_stage": os.environ.get("DVC_STAGE", "")}
     all_tags.update(tags or {})
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+            yield run
+        return
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{method}-{stage}",
                           nested=nested, tags=all_tags) as run:
         yield run

@@ -319,6 +319,9 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
 
                 history[phase.name] = train_phase(model, phase, recipe, samples, ctx, position, workers,
                                                   batch_per_device, resume if resuming else None, log, on_checkpoint)
+            if nested and ctx.is_primary:  # each phase's result is kept (e.g. GLNet's phase-1 global branch)
+                save_checkpoint(out_dir / f"phase_{phase.name}.pt", {**payload, "phase": phase.name,
+                                                                     "model": model.state_dict()})
             resume = None
         final = out_dir / "final.pt"
         if ctx.is_primary:

@@ -120,3 +120,26 @@ def test_accumulated_step_equals_one_big_batch(tmp_path, tiny_synthetic):
         weights.append(model.decode_head.classifier.weight.detach().clone())
         assert not torch.equal(weights[-1], initial)
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_multi_phase_training_checkpoints_and_logs_each_phase(tmp_path, tiny_synthetic, mlflow_store):
+    """GLNet's three phases run from one train call: one checkpoint and one nested MLflow run per phase."""
+    overrides = [f"methods.glnet.recipes.smoke.synthetic.phase{i}.{key}={value}" for i in (1, 2, 3)
+                 for key, value in (("iterations", 1), ("batch_size", 2), ("log_every", 1))]
+    overrides += ["methods.glnet.recipes.smoke.synthetic.model.global_size=64",
+                  "methods.glnet.recipes.smoke.synthetic.model.patch_size=64",
+                  "methods.glnet.recipes.smoke.synthetic.model.min_overlap=16"]
+    config = load_config(tiny_params(tmp_path, tiny_synthetic), overrides)
+    final = torch.load(train(config, "synthetic", "glnet"), weights_only=False)
+    phases = ["global", "global2local", "local2global"]
+    assert list(final["loss_history"]) == phases
+    out_dir = tmp_path / "checkpoints" / "synthetic" / "glnet"
+    for name in phases:
+        assert torch.load(out_dir / f"phase_{name}.pt", weights_only=False)["phase"] == name
+
+    client = mlflow.tracking.MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("uhrbench-synthetic")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and sorted(r.data.tags["phase"] for r in children) == sorted(phases)

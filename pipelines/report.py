@@ -304,8 +304,7 @@ def _with_sweep_csv(ours: dict, path: Path | None) -> dict:
 def uhrsnet_ablation_table(dataset: str, ablation_csv: Path) -> pd.DataFrame:
     """UHRSNet's ablation (Table III layout): published mIoU beside ours from `bench.py ablation`'s
     results/tables/uhrsnet_ablation_<dataset>.csv when it exists, else "not measured"."""
-    from methods.uhrsnet import ABLATION_ROWS
-    from pipelines.anchors import UHRSNET_ABLATION, UHRSNET_ABLATION_PROVENANCE
+    from pipelines.anchors import UHRSNET_ABLATION, UHRSNET_ABLATION_PROVENANCE, UHRSNET_ABLATION_ROWS
 
     published = UHRSNET_ABLATION.get(dataset, {})
     measured = {}
@@ -313,7 +312,7 @@ def uhrsnet_ablation_table(dataset: str, ablation_csv: Path) -> pd.DataFrame:
         for _, line in pd.read_csv(ablation_csv, dtype=str, keep_default_na=False).iterrows():
             measured[line["configuration"]] = line.get("mIoU (ours)", "")
     rows = []
-    for key, label, kwargs in ABLATION_ROWS:
+    for key, label, branches, local_fusion in UHRSNET_ABLATION_ROWS:
         pub = published.get(key)
         value = measured.get(label, "")
         if not ablation_csv.is_file():
@@ -324,9 +323,9 @@ def uhrsnet_ablation_table(dataset: str, ablation_csv: Path) -> pd.DataFrame:
             mine = float(value)
         rows.append({
             "configuration": label,
-            "local branch": "x" if kwargs["branches"] in ("both", "local") else "",
-            "LFF": "x" if kwargs["local_fusion"] else "",
-            "global branch": "x" if kwargs["branches"] in ("both", "global") else "",
+            "local branch": "x" if branches in ("both", "local") else "",
+            "LFF": "x" if local_fusion else "",
+            "global branch": "x" if branches in ("both", "global") else "",
             "mIoU (published)": f'{pub[0]:.1f} ("global"), {pub[1]:.1f} ("local")' if pub else "—",
             "mIoU (ours)": _mine(mine, 2),
             "mIoU Δ (ours − published \"global\")": _diff(mine, pub[0] if pub else None, 2),

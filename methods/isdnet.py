@@ -288,20 +288,31 @@ _OFFICIAL_RENAMES = (
 )
 
 
-def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Release keys -> our keys; STDC `x2/x4/x8/x16` aliases folded onto `features.*`."""
-    stdc, out = {}, {}
+def map_official_keys(state: dict[str, torch.Tensor], renames, unused: tuple[str, ...] = ()
+                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """mmseg release keys -> our keys (prefix `renames`), STDC `x2/x4/x8/x16` aliases folded onto
+    `features.*`; keys starting with an `unused` prefix are returned as skipped. Shared with RUE."""
+    stdc, out, skipped = {}, {}, []
     for key, value in state.items():
+        if unused and key.startswith(unused):
+            skipped.append(key)
+            continue
         if key.startswith("refine_head.stdc_net."):
             stdc[key[len("refine_head.stdc_net."):]] = value
             continue
-        for old, new in _OFFICIAL_RENAMES:
+        for old, new in renames:
             if key.startswith(old):
                 key = new + key[len(old):]
                 break
         out[key] = value
-    out.update({f"refine_head.stdc_net.{k}": v for k, v in stdc_state_dict(stdc).items()})
-    return out
+    if stdc:
+        out.update({f"refine_head.stdc_net.{k}": v for k, v in stdc_state_dict(stdc).items()})
+    return out, skipped
+
+
+def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Release keys -> our keys (§8)."""
+    return map_official_keys(state, _OFFICIAL_RENAMES)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

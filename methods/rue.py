@@ -39,9 +39,9 @@ from methods.backbones import read_state_dict, resnet_v1c
 from methods.base import LoadReport, MethodError, UHRMethod, register_method
 from methods.dappm import DAPPM
 from methods.heads import FCNHead
-from methods.isdnet import SegmentationHead, init_conv_modules, init_conv_seg, mmseg_cross_entropy
+from methods.isdnet import SegmentationHead, init_conv_modules, init_conv_seg, map_official_keys, mmseg_cross_entropy
 from methods.losses import resize_logits
-from methods.stdc import STDCNet, init_stdc, load_stdc_pretrained, stdc_state_dict
+from methods.stdc import STDCNet, init_stdc, load_stdc_pretrained
 
 # ---------------------------------------------------------------------------------------------------------------
 # pure building blocks (Estimator, Selector, Ensembler, Complementer)
@@ -227,23 +227,8 @@ _OFFICIAL_UNUSED = ("refine_head.conv_seg.",)
 
 
 def official_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Release keys -> our keys, STDC `x2/x4/x8/x16` aliases folded onto `features.*`; returns (mapped, skipped)."""
-    stdc, out, skipped = {}, {}, []
-    for key, value in state.items():
-        if key.startswith(_OFFICIAL_UNUSED):
-            skipped.append(key)
-            continue
-        if key.startswith("refine_head.stdc_net."):
-            stdc[key[len("refine_head.stdc_net."):]] = value
-            continue
-        for old, new in _OFFICIAL_RENAMES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    if stdc:
-        out.update({f"refine_head.stdc_net.{k}": v for k, v in stdc_state_dict(stdc).items()})
-    return out, skipped
+    """Release keys -> our keys (§11); returns (mapped, skipped)."""
+    return map_official_keys(state, _OFFICIAL_RENAMES, _OFFICIAL_UNUSED)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ Fake `UHRMethod`s stand in for real networks; GPU tests are marked `gpu`."""
 from __future__ import annotations
 
 import csv
-import gc
 import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,12 +114,15 @@ def test_memory_fields_say_unavailable_without_nvml_or_cuda(monkeypatch):
 
 
 def test_poller_sees_rss_growth():
-    gc.collect()  # garbage freed during the block would offset the growth being measured
-    with M.MemoryPoller(torch.device("cpu"), 0.002) as poller:
-        block = np.ones(128 * 2 ** 20, dtype=np.uint8)  # 128 MiB, touched
-        time.sleep(0.05)
-        del block
-    assert poller.result()["rss_peak_growth_mib"] > 96
+    # in a fresh interpreter: RSS bookkeeping left by earlier tests in this process must not mask the growth
+    probe = ("import numpy as np, time, torch; from pipelines import measure as M\n"
+             "with M.MemoryPoller(torch.device('cpu'), 0.002) as poller:\n"
+             "    block = np.ones(128 * 2 ** 20, dtype=np.uint8); time.sleep(0.05); del block\n"
+             "print(poller.result()['rss_peak_growth_mib'])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) > 96
 
 
 def test_cost_counts_inference_path_params_and_macs_on_meta():

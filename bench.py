@@ -203,6 +203,29 @@ def measure(dataset: str, method: str, scale: float | None, amp: str | None, cha
 
 @cli.command()
 @click.option("--dataset", required=True)
+@click.option("--method", default="uhrsnet", show_default=True)
+@click.option("--row", "rows", multiple=True, help="train/evaluate only this configuration (repeatable); "
+              "the table still lists every row with a finished checkpoint")
+@click.option("--train-only", is_flag=True, help="train the configurations, write no table")
+@click.option("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: each row once per seed, the table "
+              "gives mean and std (default: params' seed)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--params", default=None, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@one_line_errors
+def ablation(dataset: str, method: str, rows: tuple[str, ...], train_only: bool, seeds: str | None, device: str,
+             params: str | None, overrides: tuple[str, ...]) -> None:
+    """Train and evaluate the method's ablation configurations; write the ablation table to results/ablations/."""
+    from pipelines.ablation import ablation as run
+    from pipelines.ablation import parse_seeds
+
+    seed_list = parse_seeds(seeds) if seeds else None
+    for path in run(_config(params, overrides), dataset, method, device, list(rows) or None, train_only, seed_list):
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--dataset", required=True)
 @click.option("--method", required=True)
 @click.option("--k", "ks", default="1.0,0.75,0.5,0.25", show_default=True, help="comma-separated K values")
 @click.option("--device", default="auto", show_default=True)

@@ -64,6 +64,7 @@ class UHRMethod(nn.Module):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # how tables, plots and logs must also name it (a reconstruction says so)
     # DDP must search for unused parameters when a forward pass may skip some (e.g. content-dependent routing)
     ddp_find_unused_parameters: ClassVar[bool] = False
 
@@ -169,6 +170,16 @@ def resolve_method_name(name: str) -> str:
 
 def method_class(name: str) -> type[UHRMethod]:
     return _REGISTRY[resolve_method_name(name)]
+
+
+def display_name(name: str) -> str:
+    """A method as tables, plots and logs show it: the registry name, plus its `label` where it has one
+    (uhrsnet -> 'uhrsnet [UHRSNet-style (reconstructed)]'). Names no longer registered are shown as they are."""
+    try:
+        label = method_class(name).label
+    except MethodError:
+        return name
+    return f"{name} [{label}]" if label else name
 
 
 def build_method(name: str, num_classes: int, **cfg) -> UHRMethod:

@@ -123,16 +123,8 @@ RUE_FIGURE: dict[str, tuple[Anchor, ...]] = {
 
 # UHRSNet (ICPR'20) DeepGlobe ablation (Table III layout): only the full model's two outputs are known,
 # under the paper's own protocol ([paper, unverified]; specs/uhrsnet.md §1, §6). The figures are
-# ("global" output, "local" output).
+# ("global" output, "local" output); the rows themselves are methods/uhrsnet.py's ABLATION_ROWS.
 UHRSNET_ABLATION = {"deepglobe": {"global_local_lff": (72.0, 71.4)}}
-# The rows of that table: (key, label, branches, local feature fusion on).
-UHRSNET_ABLATION_ROWS = (
-    ("local", "local", "local", False),
-    ("local_lff", "local + LFF", "local", True),
-    ("global", "global", "global", False),
-    ("global_local", "global + local (one-time fusion)", "both", False),
-    ("global_local_lff", "global + local + LFF", "both", True),
-)
 UHRSNET_ABLATION_PROVENANCE = "UHRSNet, ICPR 2020, DeepGlobe test, own protocol; [paper, unverified]"
 
 # How the papers measured (specs/protocol.md §1.2, §2.2; specs/anchors.md §0), for results/README.md.

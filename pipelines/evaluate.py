@@ -54,18 +54,19 @@ def panel(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, pa
 
 
 def evaluate(config: Config, dataset: str, method: str, split: str | None = None, device: str = "auto",
-             overrides: dict | None = None) -> dict:
+             overrides: dict | None = None, variant: str | None = None) -> dict:
     """Score a trained method on a split. Under torchrun each rank takes an unpadded share of the
-    images and the confusion matrices are summed, so no image is counted twice."""
+    images and the confusion matrices are summed, so no image is counted twice. `variant` labels the
+    run and its result file (default: from `overrides`, e.g. RUE's `k0.5`; none = the default run)."""
     method = resolve_method_name(method)
     ctx = distributed.init_distributed(tracking.resolve_device(device))
     try:
-        return _evaluate(config, dataset, method, split, ctx, overrides)
+        return _evaluate(config, dataset, method, split, ctx, overrides, variant)
     finally:
         distributed.shutdown(ctx)
 
 
-def _evaluate(config, dataset, method, split, ctx, overrides) -> dict:
+def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
     eval_cfg = config.section("evaluate")
     split = split or eval_cfg.get("split", "test")
     num_panels = int(eval_cfg.get("num_visualizations", 3))
@@ -117,7 +118,7 @@ def _evaluate(config, dataset, method, split, ctx, overrides) -> dict:
     }
     if uncertainty is not None:
         result.update(uncertainty.summary())
-    variant = variant_label(overrides)
+    variant = variant or variant_label(overrides)
     result["variant"] = variant or "default"
     with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
                               tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", ""),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from methods import display_name
 from pipelines.config import Config
 
 PUBLISHED_DATASETS = ("deepglobe", "inria", "cityscapes", "urur")
@@ -47,7 +48,8 @@ def our_points(ours: dict) -> list[dict]:
         miou, fps = _number(row["headline"]), _number(row["fps"])
         if miou is None or fps is None:
             continue
-        out.append({"label": method if k is None else f"{method} K={k:g}", "miou": miou, "fps": fps,
+        name = display_name(method)
+        out.append({"label": name if k is None else f"{name} K={k:g}", "miou": miou, "fps": fps,
                     "memory": _number(row["memory"]), "source": "ours"})
     return out
 
@@ -141,7 +143,7 @@ def scaling(dataset: str, frames: dict[str, pd.DataFrame], path: Path) -> dict[s
     for method, frame in sorted(frames.items()):
         ok = frame[frame["status"] == "ok"]
         lat = pd.to_numeric(ok["latency_ms_median"], errors="coerce")
-        ax1.plot(ok["megapixels"], lat, "o-", label=method)
+        ax1.plot(ok["megapixels"], lat, "o-", label=display_name(method))
         key = "torch_max_allocated_mib"
         mem = pd.to_numeric(ok.get(key), errors="coerce") if key in ok else pd.Series(dtype=float)
         if mem.isna().all():
@@ -149,7 +151,7 @@ def scaling(dataset: str, frames: dict[str, pd.DataFrame], path: Path) -> dict[s
             mem = pd.to_numeric(ok.get(key), errors="coerce") if key in ok else pd.Series(dtype=float)
         mem_label.add("torch peak allocated" if key == "torch_max_allocated_mib" else "CPU RSS growth")
         good = ~mem.isna()
-        ax2.plot(ok["megapixels"][good], mem[good], "o-", label=method)
+        ax2.plot(ok["megapixels"][good], mem[good], "o-", label=display_name(method))
         drawn[method] = {"latency": list(zip(ok["megapixels"], lat, strict=True)),
                          "memory": list(zip(ok["megapixels"][good], mem[good], strict=True))}
         for _, row in frame[frame["status"] != "ok"].iterrows():

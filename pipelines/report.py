@@ -8,7 +8,10 @@ import pandas as pd
 from tabulate import tabulate
 
 from datasets import get_dataset
+from methods import display_name
 from pipelines import tracking
+from pipelines.ablation import VARIANT_PREFIX as ABLATION_VARIANT
+from pipelines.ablation import scores_path
 from pipelines.config import Config, ConfigError
 
 FORMATS = {"terminal": "simple", "md": "github", "latex": "latex_booktabs", "csv": None}
@@ -58,7 +61,7 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
     rows = []
     for _, run in runs.iterrows():
         k = run_k(run)
-        row = {"method": run["tags.method"], "K": "" if k is None else k, "variant": run["variant"]}
+        row = {"method": display_name(run["tags.method"]), "K": "" if k is None else k, "variant": run["variant"]}
         row[_headline_name(info.headline)] = _pct(run.get("metrics.headline"))
         if info.headline != "miou":
             row["mIoU"] = _pct(run.get("metrics.miou"))
@@ -172,6 +175,8 @@ def our_results(dataset: str) -> dict:
     evals = stage_runs(dataset, "evaluate")
     if evals.empty:
         return {"runs": False, "rows": {}}
+    # ablation rows (`bench.py ablation`) are other configurations of a method, not its benchmark number
+    evals = evals[~evals["variant"].str.startswith(ABLATION_VARIANT)]
     evals = evals.drop_duplicates(subset=["tags.method", "variant"], keep="first")
     measures = stage_runs(dataset, "measure")
     if not measures.empty:
@@ -301,33 +306,35 @@ def _with_sweep_csv(ours: dict, path: Path | None) -> dict:
     return {"runs": ours["runs"] or bool(len(table)), "rows": rows}
 
 
-def uhrsnet_ablation_table(dataset: str, ablation_csv: Path) -> pd.DataFrame:
-    """UHRSNet's ablation (Table III layout): published mIoU beside ours from `bench.py ablation`'s
-    results/tables/uhrsnet_ablation_<dataset>.csv when it exists, else "not measured"."""
-    from pipelines.anchors import UHRSNET_ABLATION, UHRSNET_ABLATION_PROVENANCE, UHRSNET_ABLATION_ROWS
+def uhrsnet_ablation_table(dataset: str, scores_csv: Path) -> pd.DataFrame:
+    """UHRSNet's ablation (Table III layout): published mIoU beside ours (mean over seeds) from `bench.py
+    ablation`'s results/ablations/uhrsnet_<dataset>.csv when it exists, else "not measured"."""
+    from methods.uhrsnet import ABLATION_ROWS
+    from pipelines.anchors import UHRSNET_ABLATION, UHRSNET_ABLATION_PROVENANCE
 
     published = UHRSNET_ABLATION.get(dataset, {})
-    measured = {}
-    if ablation_csv.is_file():
-        for _, line in pd.read_csv(ablation_csv, dtype=str, keep_default_na=False).iterrows():
-            measured[line["configuration"]] = line.get("mIoU (ours)", "")
+    stats = pd.DataFrame(columns=["mean", "std", "count"])
+    if scores_csv.is_file():
+        scores = pd.read_csv(scores_csv)
+        if len(scores):  # one line per (row, seed): mean and sample std over the seeds
+            stats = (100.0 * scores["miou"]).groupby(scores["row"]).agg(["mean", "std", "count"])
     rows = []
-    for key, label, branches, local_fusion in UHRSNET_ABLATION_ROWS:
+    for key, label, kwargs in ABLATION_ROWS:
         pub = published.get(key)
-        value = measured.get(label, "")
-        if not ablation_csv.is_file():
-            mine = f"not measured (no {ablation_csv.name})"
-        elif value == "":
-            mine = "not measured (row not trained)"
+        if not scores_csv.is_file():
+            mine = f"not measured (no {scores_csv.name})"
         else:
-            mine = float(value)
+            mine = stats.loc[key, "mean"] if key in stats.index else "not measured (row not trained)"
+        seeds = int(stats.loc[key, "count"]) if key in stats.index else 0
         rows.append({
             "configuration": label,
-            "local branch": "x" if branches in ("both", "local") else "",
-            "LFF": "x" if local_fusion else "",
-            "global branch": "x" if branches in ("both", "global") else "",
+            "local branch": "x" if kwargs["branches"] in ("both", "local") else "",
+            "LFF": "x" if kwargs["local_fusion"] else "",
+            "global branch": "x" if kwargs["branches"] in ("both", "global") else "",
             "mIoU (published)": f'{pub[0]:.1f} ("global"), {pub[1]:.1f} ("local")' if pub else "—",
             "mIoU (ours)": _mine(mine, 2),
+            "std over seeds (ours)": f"{stats.loc[key, 'std']:.2f}" if seeds > 1 else "",
+            "seeds": seeds or "",
             "mIoU Δ (ours − published \"global\")": _diff(mine, pub[0] if pub else None, 2),
             "provenance": UHRSNET_ABLATION_PROVENANCE if pub else "not published per row",
         })
@@ -377,11 +384,13 @@ def tables(config: Config) -> list[Path]:
                           f"RUE (CVPR'25) {dataset} accuracy vs FPS (figure readings): published vs ours",
                           [ours_note(dataset, ours(dataset)), PROTOCOL_FLAGS[3], *flags])
     for dataset in UHRSNET_ABLATION:
-        written += _write(uhrsnet_ablation_table(dataset, out_dir / f"uhrsnet_ablation_{dataset}.csv"),
-                          out_dir / f"paper_uhrsnet_ablation_{dataset}",
-                          f"UHRSNet (ICPR'20) {dataset} ablation (Table III layout): published vs ours",
-                          ["Ours from `python bench.py ablation --dataset " + dataset + "` "
-                           f"(results/tables/uhrsnet_ablation_{dataset}.csv).", PROTOCOL_FLAGS[4]])
+        scores = scores_path(config, "uhrsnet", dataset)
+        written += _write(uhrsnet_ablation_table(dataset, scores), out_dir / f"paper_uhrsnet_ablation_{dataset}",
+                          f"UHRSNet (ICPR'20) {dataset} ablation (Table III layout): published vs ours "
+                          "(UHRSNet-style, reconstructed)",
+                          [f"Ours from `python bench.py ablation --dataset {dataset}` "
+                           f"({scores}).",
+                           PROTOCOL_FLAGS[4]])
     return written
 
 
@@ -406,7 +415,7 @@ def write_readme(config: Config, written: list[Path]) -> Path:
                 "paper_rue": "RUE's accuracy-vs-FPS comparison (with the K sweep)",
                 "paper_uhrsnet_ablation": "UHRSNet's ablation"}.get(name.rsplit("_", 1)[0], name)
         source = ours_note(dataset, our_results(dataset)) if not name.startswith("paper_uhrsnet") else \
-            "results/tables/uhrsnet_ablation_" + dataset + ".csv (`bench.py ablation`)"
+            "results/ablations/uhrsnet_" + dataset + ".csv (`bench.py ablation`)"
         lines.append(f"| [{path.relative_to(root)}]({path.relative_to(root)}) (+ .csv, .tex) | {what} | "
                      f"{source.replace('|', '/')} |")
     plots = [p for p in written if p.suffix == ".png"]

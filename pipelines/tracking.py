@@ -69,7 +69,10 @@ def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash
     existing run (a resumed training)."""
     mlflow = _mlflow()
     experiment_id = ensure_experiment(dataset)
-    all_tags = {"method": method, "dataset": dataset, "stage": stage, "profile": profile,
+    from methods import display_name
+
+    all_tags = {"method": method, "method_label": display_name(method), "dataset": dataset, "stage": stage,
+                "profile": profile,
                 "git_commit": git_commit(), "params_hash": params_hash,
                 "dvc_stage": os.environ.get("DVC_STAGE", "")}
     all_tags.update(tags or {})
@@ -77,7 +80,7 @@ def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash
         with mlflow.start_run(run_id=run_id, nested=nested) as run:
             yield run
         return
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{method}-{stage}",
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{display_name(method)}-{stage}",
                           nested=nested, tags=all_tags) as run:
         yield run
 

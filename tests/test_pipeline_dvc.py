@@ -30,6 +30,9 @@ def shrink(params: Path) -> None:
     if "glnet" in raw["methods"]:
         raw["methods"]["glnet"]["recipes"]["smoke"]["synthetic"]["model"].update(global_size=64, patch_size=48,
                                                                                  min_overlap=8)
+    if "uhrsnet" in raw["methods"]:
+        raw["methods"]["uhrsnet"]["recipes"]["smoke"]["synthetic"]["model"].update(patch_size=32, min_overlap=8,
+                                                                                   lff_margin=2)
     if "rue" in raw["methods"]:
         raw["methods"]["rue"]["recipes"]["smoke"]["synthetic"].setdefault("model", {}).update(patch_num=2,
                                                                                                 train_patch_num=2)

@@ -136,14 +136,14 @@ def test_rue_table_includes_k_sweep(store, tmp_path):
 def test_uhrsnet_ablation_table(tmp_path):
     from pipelines.report import uhrsnet_ablation_table
 
-    missing = uhrsnet_ablation_table("deepglobe", tmp_path / "uhrsnet_ablation_deepglobe.csv")
-    assert len(missing) == 5 and set(missing["mIoU (ours)"]) == {"not measured (no uhrsnet_ablation_deepglobe.csv)"}
+    missing = uhrsnet_ablation_table("deepglobe", tmp_path / "uhrsnet_deepglobe.csv")
+    assert len(missing) == 5 and set(missing["mIoU (ours)"]) == {"not measured (no uhrsnet_deepglobe.csv)"}
     full = missing.iloc[-1]
     assert full["mIoU (published)"] == '72.0 ("global"), 71.4 ("local")'
     assert missing.iloc[0]["mIoU (published)"] == "—"
-    csv = tmp_path / "uhrsnet_ablation_deepglobe.csv"
-    csv.write_text("configuration,local branch,LFF,global branch,mIoU (ours),mIoU (published)\n"
-                   "local,x,,,60.50,n/a\nglobal + local + LFF,x,x,x,70.25,\"72.0 (\"\"global\"\")\"\n")
+    csv = tmp_path / "uhrsnet_deepglobe.csv"
+    csv.write_text("row,configuration,miou,iou.urban\nlocal,local,0.605,0.1\n"
+                   "global_local_lff,global + local + LFF,0.7025,0.2\n")
     table = uhrsnet_ablation_table("deepglobe", csv)
     assert list(table["mIoU (ours)"]) == ["60.50", "not measured (row not trained)", "not measured (row not trained)",
                                           "not measured (row not trained)", "70.25"]

@@ -1,0 +1,313 @@
+"""UHRSNet-style (reconstructed): local feature fusion reads exactly a patch's existing grid neighbours,
+both switches off give plain global / local branches, the ablation rows, and DeepGlobe-size shapes
+(spec uhrsnet.md §4)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods import build_method, method_class
+from methods.base import MethodError
+from methods.glnet import GLNet, LogitStitcher, PatchGrid
+from methods.uhrsnet import ABLATION_ROWS, LocalFeatureFusion, UHRSNet, grid_neighbours
+
+TINY = dict(backbone="resnet18", global_size=64, patch_size=64, min_overlap=16, patch_batch=4, head_width=16,
+            fusion_channels=16, lff_channels=8, lff_margin=4, focal_gamma=0.0, fmreg=0.15)
+
+
+def tiny(**kwargs) -> UHRSNet:
+    torch.manual_seed(0)
+    return UHRSNet(num_classes=5, **{**TINY, **kwargs})
+
+
+def batch(b: int = 1, h: int = 160, w: int = 160):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, 256, (b, 3, h, w), generator=g).float(), torch.randint(0, 5, (b, h, w), generator=g))
+
+
+def test_registered_with_alias():
+    assert method_class("uhrnet") is method_class("uhrsnet") is UHRSNet
+    assert "reconstructed" in UHRSNet.description
+    with pytest.raises(MethodError, match="branches"):
+        tiny(branches="neither")
+
+
+@pytest.mark.parametrize(("index", "expected"), [
+    (0, {1, 4, 5}),                       # top-left corner
+    (3, {2, 6, 7}),                       # top-right corner
+    (15, {10, 11, 14}),                   # bottom-right corner
+    (1, {0, 2, 4, 5, 6}),                 # top edge
+    (4, {0, 1, 5, 8, 9}),                 # left edge
+    (5, {0, 1, 2, 4, 6, 8, 9, 10}),       # interior
+])
+def test_grid_neighbours_4x4(index, expected):
+    assert set(grid_neighbours(4, 4, index)) == expected
+
+
+def _lff_dependencies(grid: PatchGrid, margin: int, h: int = 8) -> dict[int, set[int]]:
+    """For every patch i: the patches whose input ps3 changes patch i's LFF output (non-zero gradient)."""
+    torch.manual_seed(0)
+    lff = LocalFeatureFusion(channels=6, lff_channels=4, margin=margin).eval()  # BN on running stats
+    torch.nn.init.normal_(lff.refine[-1].weight, std=0.1)  # the zero init would hide every dependency
+    ps3 = torch.randn(len(grid), 6, h, h, requires_grad=True)
+    out = lff(ps3, grid)
+    deps = {}
+    for i in range(len(grid)):
+        (grad,) = torch.autograd.grad(out[i].square().sum(), ps3, retain_graph=True)
+        deps[i] = {j for j in range(len(grid)) if grad[j].abs().sum() > 0}
+    return deps
+
+
+@pytest.mark.parametrize("margin", [0, 3, 12])  # 12 cells: the window reaches patches two steps away
+def test_lff_reads_exactly_the_existing_neighbours(margin):
+    grid = PatchGrid.build(112, 112, 32, min_overlap=8)  # 5x5 grid, stride 20 px, overlap 12 (h = 8 cells)
+    assert grid.tops == grid.lefts == (0, 20, 40, 60, 80)
+    deps = _lff_dependencies(grid, margin)
+    for i in range(25):
+        assert deps[i] == set(grid_neighbours(5, 5, i)) | {i}, i
+    assert len(deps[0]) == 4 and len(deps[2]) == 6 and len(deps[12]) == 9  # corner, edge, interior
+
+
+def test_lff_pastes_neighbours_at_their_offsets():
+    grid = PatchGrid.build(80, 80, 32, min_overlap=8)  # 3x3 grid, stride 24 px = 6 cells at h = 8
+    assert grid.tops == (0, 24, 48)
+    lff = LocalFeatureFusion(channels=4, lff_channels=2, margin=2)
+    messages = torch.zeros(9, 2, 8, 8)
+    messages[5, 0, 0, 0] = 1.0  # right neighbour of the centre patch 4, its top-left cell
+    win = lff.windows(messages, grid)[4]
+    assert torch.nonzero(win[0]).tolist() == [[2, 2 + 6]]  # margin + offset of 24 px * 8 / 32
+    count = win[-1]
+    assert count[2, 2] == 3  # the patch's top-left cell: under its top-left, top and left neighbours
+    assert count[2 + 4, 2 + 4] == 0  # its centre: the 8 px overlaps do not reach it
+    corner = lff.windows(messages, grid)[0][-1]
+    assert corner[:2].sum() == 0 and corner[:, :2].sum() == 0  # nothing beyond the image border
+
+
+def test_lff_in_chunks_equals_all_at_once():
+    torch.manual_seed(0)
+    lff = LocalFeatureFusion(channels=6, lff_channels=4, margin=3).eval()
+    torch.nn.init.normal_(lff.refine[-1].weight, std=0.1)
+    grid, ps3 = PatchGrid.build(80, 80, 32, min_overlap=8), torch.randn(9, 6, 8, 8)
+    torch.testing.assert_close(lff(ps3, grid, chunk=2), lff(ps3, grid))
+
+
+@pytest.mark.parametrize("margin", [0, 2, 5, 12])
+def test_lff_refinement_reaches_the_margin_and_crops_exactly(margin):
+    """The centre-only last conv equals refining the whole window and cropping its centre, and a patch's border
+    cell depends on the window's outermost margin cells (the neighbours' features are within reach)."""
+    torch.manual_seed(0)
+    lff = LocalFeatureFusion(channels=6, lff_channels=4, margin=margin).eval()
+    torch.nn.init.normal_(lff.refine[-1].weight, std=0.1)
+    h = 8
+    ps3 = torch.randn(1, 6, h, h)
+    windows = torch.randn(1, 9, h + 2 * margin, h + 2 * margin, requires_grad=True)
+    out = lff._refine(ps3, windows)
+    whole = lff.refine(windows)[:, :, margin:margin + h, margin:margin + h]
+    torch.testing.assert_close(out, ps3 + whole)
+    if margin:
+        (grad,) = torch.autograd.grad(out[0, :, h // 2, 0].sum(), windows)  # left border cell, mid-height
+        assert grad[0, :, :, 0].abs().sum() > 0  # the window's leftmost column: `margin` cells out
+
+
+def test_lff_starts_as_identity():
+    lff = LocalFeatureFusion(channels=6, lff_channels=4, margin=2).eval()
+    ps3 = torch.randn(9, 6, 8, 8)
+    assert torch.equal(lff(ps3, PatchGrid.build(80, 80, 32, min_overlap=8)), ps3)
+
+
+def test_both_switches_off_is_plain_global_and_local_branches():
+    model = tiny(global_local_fusion=False, local_fusion=False).eval()
+    assert not hasattr(model, "fusion") and not hasattr(model, "lff")
+    images, labels = batch()
+    grid = model._grid(images)
+    assert len(grid) == 9
+    with torch.no_grad():
+        patches = GLNet._cut(images, grid, range(len(grid)))
+        local = model.fpn_local(model.resnet_local(model.normalize(patches))[::-1]).logits
+        small = F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        glob = model.fpn_global(model.resnet_global(model.normalize(small))[::-1])
+        out = model.image_outputs(images, 0, grid, model.run_global(images), 4)
+        torch.testing.assert_close(out["local"], local)
+        torch.testing.assert_close(model.run_global(images).logits, glob.logits)
+        crop = model.global_crops(glob.logits, 0, grid, local)
+        torch.testing.assert_close(out["late"], (local + crop) / 2)
+        stitch = LogitStitcher(grid, 5)
+        stitch.add((local + crop) / 2, range(9))
+        torch.testing.assert_close(model.predict(images), stitch.result())
+        # the local branch never sees global features: changing the global trunk leaves it as it was
+        for p in model.resnet_global.parameters():
+            p.add_(1.0)
+        torch.testing.assert_close(model.image_outputs(images, 0, grid, model.run_global(images), 9)["local"], local)
+    model.train()
+    assert set(model.forward_train(images, labels)) == {"loss_global", "loss_local"}
+
+
+def test_full_model_trains_every_part_and_lff_adds_only_its_module():
+    model = tiny().train()
+    images, labels = batch(b=2, h=128, w=128)
+    terms = model.forward_train(images, labels)
+    assert set(terms) == {"loss_global", "loss_local", "loss_fused", "loss_fmreg"}
+    sum(terms.values()).backward()
+    for name in ("resnet_global", "fpn_global", "resnet_local", "fpn_local", "fusion", "lff"):
+        grads = [p.grad for p in model.get_submodule(name).parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+    plain = tiny(local_fusion=False)
+    extra = {k for k in model.state_dict() if k not in plain.state_dict()}
+    assert extra and all(k.startswith("lff.") for k in extra)
+
+
+@pytest.mark.parametrize(("key", "outputs"), [
+    ("local", {"loss_local"}), ("local_lff", {"loss_local"}), ("global", {"loss_global"}),
+    ("global_local", {"loss_global", "loss_local", "loss_fused", "loss_fmreg"}),
+    ("global_local_lff", {"loss_global", "loss_local", "loss_fused", "loss_fmreg"})])
+def test_ablation_rows_are_five_configurations_of_one_model(key, outputs):
+    kwargs = next(k for r, _, k in ABLATION_ROWS if r == key)
+    model = build_method("uhrnet", 5, **{**TINY, **kwargs})
+    images, labels = batch(h=96, w=96)
+    assert set(model.forward_train(images, labels)) == outputs
+    assert hasattr(model, "lff") == key.endswith("lff")
+    assert hasattr(model, "resnet_global") == key.startswith("global")
+    assert hasattr(model, "resnet_local") == (key != "global")
+    assert model.eval().predict(images).shape == (1, 5, 96, 96)
+
+
+def test_ablation_rows_share_initial_weights():
+    """Under the same run seed every row builds the parts it shares with another row from identical
+    weights, so the rows differ only by their switches (and the global RNG ends where it would anyway)."""
+    models, after = {}, {}
+    for key, _, kwargs in ABLATION_ROWS:
+        torch.manual_seed(7)
+        models[key] = build_method("uhrsnet", 5, **{**TINY, **kwargs})
+        after[key] = torch.rand(1)  # what the trainer would draw next
+    full = models["global_local_lff"].state_dict()
+    for key, model in models.items():
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, full[name]), (key, name)
+        assert torch.equal(after[key], after["local"])
+    torch.manual_seed(8)
+    other = build_method("uhrsnet", 5, **{**TINY, **ABLATION_ROWS[0][2]}).state_dict()
+    assert not all(torch.equal(tensor, full[name]) for name, tensor in other.items())  # the seed still matters
+
+
+def test_deepglobe_shapes_on_meta_device():
+    """Default (paper) config at 2448x2448 on the meta device: GLNet's geometry, spec §4.2 shapes."""
+    with torch.device("meta"):
+        model = build_method("uhrsnet", 7).eval()
+        image = torch.empty(1, 3, 2448, 2448)
+    shapes = {}
+
+    def hook(name):
+        def record(module, inputs, output) -> None:
+            shapes[name] = (tuple(inputs[0].shape), tuple(output.shape))  # the last call
+
+        return record
+
+    model.fpn_global.classify.register_forward_hook(hook("global"))
+    model.fpn_local.classify.register_forward_hook(hook("local"))
+    model.fusion.register_forward_hook(hook("fusion"))
+    model.lff.refine[0].register_forward_hook(hook("lff"))
+    logits = model.predict(image)
+    assert tuple(logits.shape) == (1, 7, 2448, 2448)
+    assert shapes["global"] == ((1, 512, 127, 127), (1, 7, 127, 127))
+    assert shapes["local"] == ((36, 512, 127, 127), (36, 7, 127, 127))  # 6x6 patches of 508
+    assert shapes["fusion"] == ((6, 1024, 127, 127), (6, 7, 127, 127))  # [ps3_l, crop(ps3_g)], 6 patches a pass
+    assert shapes["lff"][0] == (6, 2 * 128 + 1, 127 + 64, 127 + 64)  # margin 32 cells each side
+
+
+def test_ablation_configs_and_table(tmp_path):
+    from pipelines.ablation import ablation_rows, row_config, write_scores
+    from pipelines.config import ConfigError, load_config
+
+    config = load_config(overrides=[f"results_root={tmp_path}", f"checkpoint_root={tmp_path / 'ckpt'}"])
+    rows = ablation_rows("uhrnet")
+    assert [k for k, _, _ in rows] == ["local", "local_lff", "global", "global_local", "global_local_lff"]
+    roots = set()
+    for key, _, kwargs in rows:
+        cfg = row_config(config, "uhrsnet", "synthetic", key, kwargs, seed=3)
+        assert cfg.seed == 3
+        model = cfg.method_model("uhrsnet", "synthetic")
+        assert {k: model[k] for k in kwargs} == kwargs and model["backbone"] == "resnet18"  # recipe model kept
+        assert cfg.checkpoint_root.is_relative_to(tmp_path / "ckpt")
+        roots.add(cfg.checkpoint_root)
+    assert len(roots) == 5
+    with pytest.raises(ConfigError, match="uhrsnet only"):
+        ablation_rows("glnet")
+    result = lambda miou: {"miou": miou, "iou": {"urban": 0.25}, "profile": "smoke", "split": "test",  # noqa: E731
+                           "mlflow_run_id": "abc"}
+    md, csv_path = write_scores(config, "deepglobe", "uhrsnet", rows,
+                                {("local", 0): result(0.5), ("global_local_lff", 0): result(0.6123)})
+    assert md == tmp_path / "ablations" / "uhrsnet_deepglobe.md" and csv_path.suffix == ".csv"
+    text = md.read_text()
+    assert "reconstructed" in text and "61.23" in text and "72.0" in text and "71.4" in text and "69.4" in text
+    assert text.count("not measured (row not trained)") == 3
+    assert csv_path.read_text().count("\n") == 3 and "iou.urban" in csv_path.read_text()
+
+
+def test_fusion_starts_as_the_local_output():
+    model = tiny().eval()
+    images, _ = batch(h=96, w=96)
+    with torch.no_grad():
+        out = model.image_outputs(images, 0, model._grid(images), model.run_global(images), 2)
+    torch.testing.assert_close(out["fused"], out["local"])
+
+
+def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
+    """`bench.py ablation` on the tiny dataset: the chosen rows train and evaluate under their own roots and
+    MLflow variants, the table lists every row, a second call reuses finished checkpoints, and the ablation
+    runs never stand in for the method's benchmark number."""
+    import mlflow
+    import pandas as pd
+    from click.testing import CliRunner
+    from conftest import tiny_params
+
+    from bench import cli
+    from pipelines.config import load_config
+    from pipelines.report import our_results
+
+    params = tiny_params(tmp_path, tiny_synthetic)
+    recipe = "methods.uhrsnet.recipes.smoke.synthetic"
+    sets = [f"{recipe}.iterations=2", f"{recipe}.crop_size=64", f"{recipe}.log_every=1",
+            f"{recipe}.model.patch_size=32", f"{recipe}.model.min_overlap=8", f"{recipe}.model.lff_margin=2"]
+    args = ["ablation", "--dataset", "synthetic", "--params", str(params), *[x for s in sets for x in ("--set", s)]]
+    result = CliRunner().invoke(cli, [*args, "--row", "local", "--row", "global_local_lff"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results" / "ablations"
+    scores = pd.read_csv(out / "uhrsnet_synthetic.csv")
+    assert list(scores["row"]) == ["local", "global_local_lff"] and scores["miou"].between(0, 1).all()
+    assert {"iou.urban", "mlflow_run_id", "branches", "local_fusion"} <= set(scores.columns)
+    md = (out / "uhrsnet_synthetic.md").read_text()
+    assert md.count("not measured (row not trained)") == 3 and "UHRSNet-style (reconstructed)" in md
+    rows_root = tmp_path / "checkpoints" / "ablation" / "uhrsnet" / "synthetic"
+    checkpoints = sorted(rows_root.glob("*/*/synthetic/uhrsnet"))
+    assert [p.parts[-4:-2] for p in checkpoints] == [("global_local_lff", "seed0"), ("local", "seed0")]
+
+    experiment = mlflow.get_experiment_by_name("uhrbench-synthetic")
+    evaluations = mlflow.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
+    assert sorted(evaluations["tags.variant"]) == ["ablation-global_local_lff", "ablation-local"]
+    assert our_results("synthetic")["rows"] == {}  # no ablation row passes for uhrsnet's benchmark number
+
+    final = checkpoints[0] / "final.pt"
+    stamp = final.stat().st_mtime_ns
+    result = CliRunner().invoke(cli, [*args, "--row", "local", "--seeds", "0,1"])  # trains only local, seed 1
+    assert result.exit_code == 0, result.output
+    assert final.stat().st_mtime_ns == stamp
+    scores = pd.read_csv(out / "uhrsnet_synthetic.csv")
+    assert list(zip(scores["row"], scores["seed"], strict=True)) == [("local", 0), ("local", 1),
+                                                                     ("global_local_lff", 0)]
+    from pipelines.report import uhrsnet_ablation_table
+
+    table = uhrsnet_ablation_table("synthetic", out / "uhrsnet_synthetic.csv").set_index("configuration")
+    mean, std = 100 * scores["miou"][:2].mean(), 100 * scores["miou"][:2].std()
+    assert (table.loc["local", "mIoU (ours)"], table.loc["local", "std over seeds (ours)"]) == (f"{mean:.2f}",
+                                                                                              f"{std:.2f}")
+    assert table.loc["local", "seeds"] == 2 and table.loc["global + local + LFF", "seeds"] == 1
+    seed_runs = [torch.load(rows_root / "local" / f"seed{s}" / "synthetic" / "uhrsnet" / "final.pt",
+                            weights_only=False)["model"] for s in (0, 1)]
+    assert not torch.equal(seed_runs[0]["fpn_local.classify.weight"], seed_runs[1]["fpn_local.classify.weight"])
+    assert CliRunner().invoke(cli, [*args, "--seeds", "0,0"]).output.strip().endswith("distinct integers, e.g. 0,1,2")
+    from pipelines.report import tables
+
+    written = tables(load_config(params))
+    paper = next(p for p in written if p.name == "paper_uhrsnet_ablation_deepglobe.md").read_text()
+    assert "uhrsnet_deepglobe.csv" in paper

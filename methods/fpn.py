@@ -14,6 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.backbones import timm_features
+from methods.base import MethodError
+
+
+def fpn_trunk(backbone: str, pretrained: bool | str, method: str) -> nn.Module:
+    """A timm ResNet giving the C2..C5 maps (strides 4/8/16/32) the FPN heads read; torchvision-style keys
+    (conv1, bn1, layer1..4) as upstream GLNet's `models/resnet.py` (glnet spec §3.1)."""
+    trunk = timm_features(backbone, pretrained=pretrained, out_indices=(1, 2, 3, 4))
+    if trunk.feature_info.reduction() != [4, 8, 16, 32]:
+        raise MethodError(f"{method}: backbone '{backbone}' must give stride 4/8/16/32 maps (a ResNet)")
+    return trunk
+
 LEVELS = 4
 WIDTH = 256  # upstream lateral / first smooth width (§3.2); the second smooth has WIDTH // 2
 

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from methods.backbones import timm_features
 from methods.base import MethodError, Phase, UHRMethod, count_parameters, register_method
-from methods.fpn import WIDTH, GlobalFPN, HeadOutput, LocalFPN, Pyramid, ps3_channels, resize_like
+from methods.fpn import WIDTH, GlobalFPN, HeadOutput, LocalFPN, Pyramid, fpn_trunk, ps3_channels, resize_like
 
 Box = tuple[int, int, int, int]  # (y, x, h, w) in some feature map
 
@@ -228,8 +227,8 @@ class GLNet(UHRMethod):
         self.grad_checkpoint, self.offload_features = grad_checkpoint, offload_features
 
         # Upstream attribute names (§8), so a released state dict maps key for key.
-        self.resnet_global = self._trunk(backbone, pretrained)
-        self.resnet_local = self._trunk(backbone, pretrained)
+        self.resnet_global = fpn_trunk(backbone, pretrained, "glnet")
+        self.resnet_local = fpn_trunk(backbone, pretrained, "glnet")
         channels = self.resnet_global.feature_info.channels()  # c2..c5
         self.fpn_global = GlobalFPN(channels, num_classes, ext=True, width=head_width)
         self.fpn_local = LocalFPN(channels, num_classes, width=head_width)
@@ -238,20 +237,12 @@ class GLNet(UHRMethod):
         nn.init.normal_(self.ensemble_conv.weight, mean=0.0, std=0.01)  # bias keeps torch's default (§3.6)
         # The frozen stage-1 global branch that feeds the local branch in phase 3 and at inference
         # (upstream's second `fpn` instance `global_fixed`; §3.5, §10.1 #10). Filled by set_phase(L2G).
-        self.global_fixed = nn.ModuleDict({"resnet_global": self._trunk(backbone, False),
+        self.global_fixed = nn.ModuleDict({"resnet_global": fpn_trunk(backbone, False, "glnet"),
                                            "fpn_global": GlobalFPN(channels, num_classes, ext=False,
                                                                    width=head_width)})
         self.global_fixed.requires_grad_(False)
         self.register_buffer("global_fixed_ready", torch.tensor(False))
         self.phase: str | None = None  # None: final (phase-3) inference
-
-    @staticmethod
-    def _trunk(backbone: str, pretrained: bool | str) -> nn.Module:
-        # torchvision-style ResNet keys (conv1, bn1, layer1..4) = upstream `models/resnet.py` (§3.1)
-        trunk = timm_features(backbone, pretrained=pretrained, out_indices=(1, 2, 3, 4))
-        if trunk.feature_info.reduction() != [4, 8, 16, 32]:
-            raise MethodError(f"glnet: backbone '{backbone}' must give stride 4/8/16/32 maps (a ResNet)")
-        return trunk
 
     # ---- phases -----------------------------------------------------------------------------------
 

@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbones import timm_features
 from methods.base import MethodError, UHRMethod, register_method
-from methods.fpn import WIDTH, GlobalFPN, HeadOutput, ps3_channels, resize_like
+from methods.fpn import WIDTH, GlobalFPN, HeadOutput, fpn_trunk, ps3_channels, resize_like
 from methods.glnet import GLNet, LogitStitcher, PatchGrid, crop_boxes, focal_loss, frozen_bn_stats, nearest_labels
 
 BRANCHES = ("both", "local", "global")
@@ -175,12 +174,12 @@ class UHRSNet(UHRMethod):
         base = int(torch.randint(2**62, (), device="cpu"))  # one draw from the run's RNG in every configuration
         if self.use_global:
             with part_seed(base, "global"):
-                self.resnet_global = self._trunk(backbone, pretrained)
+                self.resnet_global = fpn_trunk(backbone, pretrained, "uhrsnet")
                 self.fpn_global = GlobalFPN(self.resnet_global.feature_info.channels(), num_classes, ext=False,
                                             width=head_width)
         if self.use_local:
             with part_seed(base, "local"):
-                self.resnet_local = self._trunk(backbone, pretrained)
+                self.resnet_local = fpn_trunk(backbone, pretrained, "uhrsnet")
                 self.fpn_local = GlobalFPN(self.resnet_local.feature_info.channels(), num_classes, ext=False,
                                            width=head_width)  # a plain FPN: no global features inside it
         if self.local_fusion:
@@ -194,13 +193,6 @@ class UHRSNet(UHRMethod):
                     nn.Conv2d(fusion_channels, num_classes, 1))
             nn.init.zeros_(self.fusion[-1].weight)
             nn.init.zeros_(self.fusion[-1].bias)
-
-    @staticmethod
-    def _trunk(backbone: str, pretrained: bool | str) -> nn.Module:
-        trunk = timm_features(backbone, pretrained=pretrained, out_indices=(1, 2, 3, 4))
-        if trunk.feature_info.reduction() != [4, 8, 16, 32]:
-            raise MethodError(f"uhrsnet: backbone '{backbone}' must give stride 4/8/16/32 maps (a ResNet)")
-        return trunk
 
     # ---- building blocks ----------------------------------------------------------------------------
 

@@ -40,9 +40,11 @@ def evaluation_runs(dataset: str) -> pd.DataFrame:
     return stage_runs(dataset, "evaluate")
 
 
-def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: bool = False) -> pd.DataFrame:
+def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: bool = False,
+                     methods: list[str] | None = None) -> pd.DataFrame:
     """One row per method and variant (e.g. RUE's K): its latest finished evaluation unless
-    `run_ids`/`all_runs` say otherwise, joined with its latest measurement of the same variant."""
+    `run_ids`/`all_runs` say otherwise, joined with its latest measurement of the same variant. `methods`
+    (registry names) keeps only those methods' rows."""
     info = get_dataset(dataset).info
     runs = evaluation_runs(dataset)
     if runs.empty:
@@ -53,7 +55,11 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
         if missing:
             raise ConfigError(f"run id(s) {', '.join(missing)} are not finished evaluations of '{dataset}'")
         runs = runs[runs["run_id"].isin(run_ids)]
-    elif not all_runs:
+    if methods is not None:
+        runs = runs[runs["tags.method"].isin(methods)]
+        if runs.empty:
+            raise ConfigError(f"no finished evaluation of {', '.join(methods)} on '{dataset}'; run `dvc repro`")
+    if not run_ids and not all_runs:
         runs = runs.drop_duplicates(subset=["tags.method", "variant"], keep="first")
     measures = stage_runs(dataset, "measure")
     if not measures.empty:
@@ -135,8 +141,7 @@ def compare_tables(config: Config) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in config.benchmark_datasets:
-        table = comparison_table(dataset)
-        table = table[table["method"].isin(config.benchmark_methods)]
+        table = comparison_table(dataset, methods=config.benchmark_methods)
         for fmt in ("md", "csv", "latex"):
             path = out_dir / f"compare_{dataset}.{SUFFIX[fmt]}"
             path.write_text(format_table(table, fmt))

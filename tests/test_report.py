@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 
 CLASSES = ("unknown", "urban", "agriculture", "rangeland", "forest", "water", "barren")  # synthetic == DeepGlobe
 
@@ -53,6 +53,7 @@ def store(mlflow_store):
     _evaluate(client, exp, "rue", 0.72, variant="k0.25", k=1.0)
     _measure(client, exp, "rue", 70.0, 1400.0, variant="k0.25")
     _evaluate(client, exp, "glnet", 0.65)  # evaluated, never measured
+    _evaluate(client, exp, "uhrsnet", 0.66)  # a method with a display label
     return client
 
 
@@ -64,7 +65,7 @@ def _config(tmp_path, datasets=("deepglobe",)):
 def test_compare_table_shows_k_and_not_measured(store):
     from pipelines.report import comparison_table, format_table
 
-    table = comparison_table("deepglobe")
+    table = comparison_table("deepglobe", methods=["glnet", "isdnet", "rue"])
     assert list(table["method"]) == ["glnet", "isdnet", "rue", "rue"]
     assert list(table.columns[:3]) == ["method", "K", "variant"]
     rue = table[table["method"] == "rue"]
@@ -81,6 +82,11 @@ def test_compare_table_shows_k_and_not_measured(store):
     assert csv[0].startswith("method,K,variant,mIoU,IoU unknown,IoU urban")
     assert csv[1].startswith("glnet,,default,65.0,,65.0")
     assert "\\begin{tabular}" in format_table(table, "latex")
+    # filtering is by registry name; the table shows a method's label beside it
+    labelled = comparison_table("deepglobe", methods=["uhrsnet"])
+    assert list(labelled["method"]) == ["uhrsnet [UHRSNet-style (reconstructed)]"]
+    with pytest.raises(ConfigError, match="no finished evaluation of local"):
+        comparison_table("deepglobe", methods=["local"])
 
 
 def test_isdnet_table_published_vs_ours(store):

@@ -213,17 +213,11 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
     for split in ("train", "val"):
         ok = []
         for tile, files in sorted(pairs[split].items()):
-            bad = False
-            for kind, name in (("image", f"{tile}_leftImg8bit.png"), ("label", f"{tile}_gtFine_labelIds.png")):
-                if kind not in files:
-                    problems.append(f"{split}/{name}: missing (its {'label' if kind == 'image' else 'image'} is there)")
-                    bad = True
-                else:
-                    problem = dl.image_size_problem(files[kind], hw)
-                    if problem:
-                        problems.append(f"{split}/{problem}")
-                        bad = True
-            if not bad:
+            found = dl.pair_problems(files, {
+                "image": (f"{split}/{tile}_leftImg8bit.png: missing (its label is there)", f"{split}/"),
+                "label": (f"{split}/{tile}_gtFine_labelIds.png: missing (its image is there)", f"{split}/")}, hw)
+            problems += found
+            if not found:
                 ok.append(tile)
         good[split] = ok
         want = expected_counts.get(split)

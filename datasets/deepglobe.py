@@ -176,19 +176,12 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
     expected_ids = {tile for _, tile in expected}
     good: set[str] = set()
     hw = (tile_size, tile_size) if tile_size else None
-    for _split, tile in expected:
-        files = tiles.get(tile, {})
-        bad = False
-        for kind, suffix in (("image", "_sat.jpg"), ("mask", "_mask.png")):
-            if kind not in files:
-                problems.append(f"{tile}{suffix}: missing (id '{tile}' is in the {_split} split list)")
-                bad = True
-            else:
-                problem = dl.image_size_problem(files[kind], hw)
-                if problem:
-                    problems.append(problem)
-                    bad = True
-        if not bad:
+    for split, tile in expected:
+        found = dl.pair_problems(tiles.get(tile, {}), {
+            kind: (f"{tile}{suffix}: missing (id '{tile}' is in the {split} split list)", "")
+            for kind, suffix in (("image", "_sat.jpg"), ("mask", "_mask.png"))}, hw)
+        problems += found
+        if not found:
             good.add(tile)
     extra = sorted(t for t, f in tiles.items() if t not in expected_ids and "mask" in f)
     if extra:

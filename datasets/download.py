@@ -424,6 +424,19 @@ def image_size_problem(path: Path, expected_hw: tuple[int, int] | None) -> str |
     return None
 
 
+def pair_problems(files: dict[str, Path], required: dict[str, tuple[str, str]],
+                  expected_hw: tuple[int, int] | None) -> list[str]:
+    """What is wrong with one image/label pair. `required` maps each kind (e.g. "image", "label") to (the
+    message when that file is missing, the prefix of its size/decoding problem). Empty: the pair is usable."""
+    problems = []
+    for kind, (missing, where) in required.items():
+        if kind not in files:
+            problems.append(missing)
+        elif problem := image_size_problem(files[kind], expected_hw):
+            problems.append(f"{where}{problem}")
+    return problems
+
+
 def save_png(array: np.ndarray | Image.Image, path: Path, compress_level: int = 1) -> None:
     """Lossless PNG written to a temporary name then renamed (never a truncated file under the final name)."""
     img = array if isinstance(array, Image.Image) else Image.fromarray(array)

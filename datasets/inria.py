@@ -162,18 +162,11 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
     good: set[str] = set()
     hw = (tile_size, tile_size) if tile_size else None
     for split, tile in expected:
-        files = tiles.get(tile, {})
-        bad = False
-        for kind, where in (("image", "train/images"), ("mask", "train/gt")):
-            if kind not in files:
-                problems.append(f"{where}/{tile}.tif: missing (id '{tile}' is in the {split} split list)")
-                bad = True
-            else:
-                problem = dl.image_size_problem(files[kind], hw)
-                if problem:
-                    problems.append(f"{where}/{problem}")
-                    bad = True
-        if not bad:
+        found = dl.pair_problems(tiles.get(tile, {}), {
+            kind: (f"{where}/{tile}.tif: missing (id '{tile}' is in the {split} split list)", f"{where}/")
+            for kind, where in (("image", "train/images"), ("mask", "train/gt"))}, hw)
+        problems += found
+        if not found:
             good.add(tile)
     dl.check_problems(INFO.name, problems, Path(source) if source else root, allow_incomplete, raw)
 

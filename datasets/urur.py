@@ -142,18 +142,11 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
     for split in SPLITS:
         ok = []
         for tile, files in sorted(pairs[split].items()):
-            bad = False
-            for kind in ("image", "label"):
-                if kind not in files:
-                    other = files["label" if kind == "image" else "image"]
-                    problems.append(f"{split}/{other.name}: its {kind} is missing")
-                    bad = True
-                else:
-                    problem = dl.image_size_problem(files[kind], hw)
-                    if problem:
-                        problems.append(f"{split}/{problem}")
-                        bad = True
-            if not bad:
+            found = dl.pair_problems(files, {
+                kind: (f"{split}/{files[other].name if other in files else tile}: its {kind} is missing", f"{split}/")
+                for kind, other in (("image", "label"), ("label", "image"))}, hw)
+            problems += found
+            if not found:
                 ok.append(tile)
         good[split] = ok
         want = expected_counts.get(split)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny prepared synthetic dataset, a throw-away MLflow store, tiny params."""
+"""Shared fixtures and helpers: a tiny prepared synthetic dataset, a throw-away MLflow store, tiny params,
+the modules a call runs."""
 from __future__ import annotations
 
 import copy
@@ -75,3 +76,16 @@ def copy_repo(tmp_path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     return dest
+
+
+def ran_modules(net: torch.nn.Module, fn) -> set[str]:
+    """Names of the modules that execute during fn()."""
+    ran, handles = set(), []
+    for name, module in net.named_modules():
+        handles.append(module.register_forward_hook(lambda m, i, o, name=name: ran.add(name)))
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return ran

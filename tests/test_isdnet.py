@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ran_modules
 from torch.utils.flop_counter import FlopCounterMode
 
 from datasets.synthetic import generate_image
@@ -44,19 +45,6 @@ def train_pass():
 
 def images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (b, 3, h, w), generator=torch.Generator().manual_seed(seed)).float()
-
-
-def ran_modules(net: torch.nn.Module, fn) -> set[str]:
-    """Names of the modules that execute during fn()."""
-    ran, handles = set(), []
-    for name, module in net.named_modules():
-        handles.append(module.register_forward_hook(lambda m, i, o, name=name: ran.add(name)))
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return ran
 
 
 def test_registered():

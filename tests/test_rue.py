@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ran_modules
 
 from methods.base import MethodError, build_method
 from methods.isdnet import mmseg_cross_entropy
@@ -62,18 +63,6 @@ def full_run(model, batch):
 def half_run(model, batch):
     with torch.no_grad():
         return model.run(model.normalize(batch), 4, 6)
-
-
-def ran_modules(net: torch.nn.Module, fn) -> set[str]:
-    ran, handles = set(), []
-    for name, module in net.named_modules():
-        handles.append(module.register_forward_hook(lambda m, i, o, name=name: ran.add(name)))
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return ran
 
 
 def shallow_batch_sizes(net: RUE, fn) -> list[int]:

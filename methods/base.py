@@ -92,6 +92,16 @@ class UHRMethod(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict(images)
 
+    @property
+    def secondary_outputs(self) -> tuple[str, ...]:
+        """Names of other predictions the paper also reports (UHRSNet: its "local" number), each scored by
+        evaluation next to `predict`'s through `predict_output`."""
+        return ()
+
+    def predict_output(self, images: torch.Tensor, output: str) -> torch.Tensor:
+        """Logits of one of `secondary_outputs`, at the input resolution."""
+        raise MethodError(f"method '{self.name}' has no output '{output}'")
+
     def predict_tiled(self, images: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
         """`predict` tile by tile (overlapping tiles, logits averaged) for images too large for one
         pass; peak memory then scales with the tile, plus the full-size logit canvas."""

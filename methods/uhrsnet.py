@@ -301,13 +301,23 @@ class UHRSNet(UHRMethod):
         grid = self._grid(image)
         out = self.image_outputs(image, 0, grid, g, self.patch_batch)
         key = output or next(k for k in ("fused", "late", "local") if k in out)
+        if key not in out:
+            raise MethodError(f"uhrsnet: this configuration has no output '{key}' (it has: "
+                              f"{', '.join(k for k in ('fused', 'late', 'local') if k in out)})")
         stitch = LogitStitcher(grid, self.num_classes, device=image.device)
         stitch.add(out[key], range(len(grid)))
         return stitch.result()
 
+    @property
+    def secondary_outputs(self) -> tuple[str, ...]:
+        """With both branches, the local branch's own prediction: the paper's "local" number (§4.6)."""
+        return ("local",) if self.use_global and self.use_local else ()
+
     @torch.no_grad()
     def predict_output(self, images: torch.Tensor, output: str) -> torch.Tensor:
         """One named output at input size: 'local' (the paper's "local" number, §4.6), 'fused' or 'late'."""
+        if not self.use_local:
+            raise MethodError(f"uhrsnet: the global-only configuration has no output '{output}'")
         return torch.cat([self._predict_one(images[i:i + 1], output) for i in range(images.shape[0])])
 
 

@@ -111,7 +111,9 @@ def write_scores(config: Config, dataset: str, method: str, rows, results: dict[
         for (row, seed), r in sorted(results.items()):
             if row != key:
                 continue
+            local_output = r.get("outputs", {}).get("local", {}).get("miou")  # both branches: the "local" number
             lines.append({"row": key, "configuration": label, **kwargs, "seed": seed, "miou": r["miou"],
+                          "miou_local_output": local_output,
                           **{f"iou.{name}": v for name, v in r["iou"].items()},
                           "profile": r["profile"], "split": r["split"], "mlflow_run_id": r["mlflow_run_id"]})
     csv_path = scores_path(config, method, dataset)

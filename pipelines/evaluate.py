@@ -76,6 +76,8 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
     model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, dev)
     data = PreparedDataset(config.data_root / dataset, split)
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index, dev)
+    # other predictions the paper also reports (UHRSNet's "local"), scored the same way; whole images only
+    secondary = {name: ConfusionMatrix(info.num_classes, info.ignore_index, dev) for name in model.secondary_outputs}
     uncertainty = UncertaintyStats(info.fine_classes) if hasattr(model, "uncertainty_map") else None
     panels: list[tuple[str, Image.Image]] = []
     sizes: set[tuple[int, int]] = set()
@@ -90,6 +92,8 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
             prediction = logits.argmax(1)[0]
             del logits
             matrix.update(prediction, label.to(dev))
+            for name, other in secondary.items():
+                other.update(model.predict_output(batch, name).argmax(1)[0], label.to(dev))
             u1 = model.uncertainty_map(batch)[0, 0].cpu() if uncertainty is not None else None
             if u1 is not None:
                 uncertainty.update(u1, label)
@@ -97,7 +101,8 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
                 panels.append((image_id, panel(image, label, prediction.cpu(), info.palette)))
                 if u1 is not None:
                     panels.append((f"{image_id}_uncertainty", uncertainty_panel(u1)))
-    matrix.all_reduce()
+    for m in (matrix, *secondary.values()):
+        m.all_reduce()
     seconds = time.perf_counter() - start
     if not ctx.is_primary:
         return {}
@@ -118,6 +123,9 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
     }
     if uncertainty is not None:
         result.update(uncertainty.summary())
+    if secondary:
+        result["outputs"] = {name: segmentation_scores(m.matrix, info.class_names, info.counted_classes)
+                             for name, m in secondary.items()}
     variant = variant or variant_label(overrides)
     result["variant"] = variant or "default"
     with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
@@ -132,6 +140,7 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
                    "params_m": result["params_m"], "headline": result["headline_value"]}
         metrics.update({f"iou.{name}": v for name, v in scores["iou"].items() if v is not None})
         metrics.update({k: v for k, v in result.items() if k.startswith("uncertainty_") and v is not None})
+        metrics.update({f"output.{name}.miou": s["miou"] for name, s in result.get("outputs", {}).items()})
         mlflow.log_metrics(metrics)
         mlflow.log_dict({"classes": list(info.class_names), "rows": "ground truth", "columns": "prediction",
                          "matrix": matrix.matrix.cpu().tolist()}, "confusion_matrix.json")

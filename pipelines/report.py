@@ -323,6 +323,8 @@ def uhrsnet_ablation_table(dataset: str, scores_csv: Path) -> pd.DataFrame:
         scores = pd.read_csv(scores_csv)
         if len(scores):  # one line per (row, seed): mean and sample std over the seeds
             stats = (100.0 * scores["miou"]).groupby(scores["row"]).agg(["mean", "std", "count"])
+            if "miou_local_output" in scores:
+                stats["local_output"] = (100.0 * scores["miou_local_output"]).groupby(scores["row"]).mean()
     rows = []
     for key, label, kwargs in ABLATION_ROWS:
         pub = published.get(key)
@@ -339,11 +341,19 @@ def uhrsnet_ablation_table(dataset: str, scores_csv: Path) -> pd.DataFrame:
             "mIoU (published)": f'{pub[0]:.1f} ("global"), {pub[1]:.1f} ("local")' if pub else "—",
             "mIoU (ours)": _mine(mine, 2),
             "std over seeds (ours)": f"{stats.loc[key, 'std']:.2f}" if seeds > 1 else "",
+            "mIoU of the local output (ours)": _local_output(stats, key),
             "seeds": seeds or "",
             "mIoU Δ (ours − published \"global\")": _diff(mine, pub[0] if pub else None, 2),
             "provenance": UHRSNET_ABLATION_PROVENANCE if pub else "not published per row",
         })
     return pd.DataFrame(rows)
+
+
+def _local_output(stats: pd.DataFrame, key: str) -> str:
+    """Mean over seeds of a two-branch row's local-branch mIoU (the paper's "local" number), else ''."""
+    if key not in stats.index or "local_output" not in stats or pd.isna(stats.loc[key, "local_output"]):
+        return ""
+    return f"{stats.loc[key, 'local_output']:.2f}"
 
 
 def _write(table: pd.DataFrame, stem: Path, title: str, notes: list[str]) -> list[Path]:

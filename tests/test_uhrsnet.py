@@ -244,6 +244,23 @@ def test_ablation_configs_and_table(tmp_path):
     assert csv_path.read_text().count("\n") == 3 and "iou.urban" in csv_path.read_text()
 
 
+def test_secondary_output_is_the_local_branch_of_two_branch_rows():
+    images, _ = batch(h=96, w=96)
+    full = tiny().eval()
+    assert full.secondary_outputs == ("local",)
+    grid = full._grid(images)
+    with torch.no_grad():
+        out = full.image_outputs(images, 0, grid, full.run_global(images), 4)
+    stitch = LogitStitcher(grid, 5)
+    stitch.add(out["local"], range(len(grid)))
+    torch.testing.assert_close(full.predict_output(images, "local"), stitch.result())
+    with pytest.raises(MethodError, match="no output 'late'"):
+        full.predict_output(images, "late")
+    assert tiny(branches="local").secondary_outputs == tiny(branches="global").secondary_outputs == ()
+    with pytest.raises(MethodError, match="global-only"):
+        tiny(branches="global").predict_output(images, "local")
+
+
 def test_fusion_starts_as_the_local_output():
     model = tiny().eval()
     images, _ = batch(h=96, w=96)
@@ -276,6 +293,8 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
     scores = pd.read_csv(out / "uhrsnet_synthetic.csv")
     assert list(scores["row"]) == ["local", "global_local_lff"] and scores["miou"].between(0, 1).all()
     assert {"iou.urban", "mlflow_run_id", "branches", "local_fusion"} <= set(scores.columns)
+    # the two-branch row also scores its local branch alone (the paper's "local" number); local rows have none
+    assert scores["miou_local_output"].between(0, 1).tolist() == [False, True]
     md = (out / "uhrsnet_synthetic.md").read_text()
     assert md.count("not measured (row not trained)") == 3 and "UHRSNet-style (reconstructed)" in md
     rows_root = tmp_path / "checkpoints" / "ablation" / "uhrsnet" / "synthetic"
@@ -285,6 +304,8 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
     experiment = mlflow.get_experiment_by_name("uhrbench-synthetic")
     evaluations = mlflow.search_runs([experiment.experiment_id], "tags.stage = 'evaluate'")
     assert sorted(evaluations["tags.variant"]) == ["ablation-global_local_lff", "ablation-local"]
+    full_run = evaluations[evaluations["tags.variant"] == "ablation-global_local_lff"].iloc[0]
+    assert full_run["metrics.output.local.miou"] == pytest.approx(scores["miou_local_output"].iloc[1])
     assert our_results("synthetic")["rows"] == {}  # no ablation row passes for uhrsnet's benchmark number
 
     final = checkpoints[0] / "final.pt"
@@ -302,6 +323,9 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
     assert (table.loc["local", "mIoU (ours)"], table.loc["local", "std over seeds (ours)"]) == (f"{mean:.2f}",
                                                                                               f"{std:.2f}")
     assert table.loc["local", "seeds"] == 2 and table.loc["global + local + LFF", "seeds"] == 1
+    assert table.loc["local", "mIoU of the local output (ours)"] == ""
+    assert table.loc["global + local + LFF", "mIoU of the local output (ours)"] == \
+        f"{100 * scores['miou_local_output'].iloc[2]:.2f}"
     seed_runs = [torch.load(rows_root / "local" / f"seed{s}" / "synthetic" / "uhrsnet" / "final.pt",
                             weights_only=False)["model"] for s in (0, 1)]
     assert not torch.equal(seed_runs[0]["fpn_local.classify.weight"], seed_runs[1]["fpn_local.classify.weight"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -153,13 +152,7 @@ def _convert(job: tuple[str, str, str, str]) -> dict:
             if img.size != (label.shape[1], label.shape[0]):
                 return {"id": tile, "error": f"{Path(image_path).name}: {img.size[0]}x{img.size[1]} but its label "
                                              f"is {label.shape[1]}x{label.shape[0]}"}
-            target = Path(out_dir) / "images" / f"{tile}.png"
-            if img.format == "PNG" and img.mode == "RGB":
-                tmp = target.with_name(target.name + ".tmp")
-                shutil.copyfile(image_path, tmp)  # already an RGB PNG: copy, no re-encoding
-                os.replace(tmp, target)
-            else:
-                dl.save_png(img.convert("RGB"), target)
+            dl.write_image_png(img, image_path, Path(out_dir) / "images" / f"{tile}.png")
         dl.save_png(Image.fromarray(label, mode="L"), Path(out_dir) / "labels" / f"{tile}.png")
         counts = np.bincount(label.ravel(), minlength=256)
         return {"id": tile, "error": None, "counts": [int(c) for c in counts[:19]] + [int(counts[255])]}
@@ -229,19 +222,12 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
 
     jobs = [(t, str(pairs[s][t]["image"]), str(pairs[s][t]["label"]), str(out_dir)) for s in ("train", "val")
             for t in good[s]]
-    results = dl.run_pool(_convert, jobs, workers, "cityscapes", progress)
-    failed = [r["error"] for r in results if r["error"]]
-    for r in results:
-        if r["error"]:
-            for sub in ("images", "labels"):
-                (out_dir / sub / f"{r['id']}.png").unlink(missing_ok=True)
-    dl.check_problems(INFO.name, failed, Path(source) if source else root, allow_incomplete, raw)
-    done = {r["id"]: r for r in results if not r["error"]}
+    done = dl.convert_tiles(_convert, jobs, workers, INFO.name, progress, out_dir, Path(source) if source else root,
+                            allow_incomplete, raw)
     splits = {s: [t for t in good[s] if t in done] for s in ("train", "val")}
     splits["test"] = list(splits["val"])  # test labels are not public: the benchmark reports val
     names = [*INFO.class_names, "ignore"]
-    class_pixels = {s: dict(zip(names, map(int, np.sum([done[t]["counts"] for t in splits[s]], axis=0)
-                                        if splits[s] else [0] * len(names)), strict=True)) for s in ("train", "val")}
+    class_pixels = dl.class_pixel_totals(done, {s: splits[s] for s in ("train", "val")}, names)
     complete = all(len(splits[s]) == expected_counts.get(s, len(splits[s])) for s in ("train", "val"))
     meta = {"source": str(source) if source else f"{dl.public_url(base_url)} (packages {list(PACKAGES)})",
             "test_split": "val (Cityscapes test labels are not public; results are val results)",

@@ -454,6 +454,36 @@ def run_pool(fn: Callable, jobs: list, workers: int, desc: str, progress: bool) 
         return list(tqdm(results, total=len(jobs), desc=desc, unit="tile", disable=not progress))
 
 
+def convert_tiles(fn: Callable, jobs: list, workers: int, name: str, progress: bool, out_dir: Path, where: Path,
+                  allow_incomplete: bool, report_dir: Path) -> dict[str, dict]:
+    """Run a dataset's per-tile converter over `jobs`; the outputs of a tile that failed are removed, the failures
+    reported like any other problem (`check_problems`). Returns the results of the converted tiles by id."""
+    results = run_pool(fn, jobs, workers, name, progress)
+    failed = [r for r in results if r["error"]]
+    for r in failed:
+        for sub in ("images", "labels"):
+            (Path(out_dir) / sub / f"{r['id']}.png").unlink(missing_ok=True)
+    check_problems(name, [r["error"] for r in failed], where, allow_incomplete, report_dir)
+    return {r["id"]: r for r in results if not r["error"]}
+
+
+def class_pixel_totals(done: Mapping[str, dict], splits: Mapping[str, list[str]], names: list[str] | tuple[str, ...]
+                       ) -> dict[str, dict[str, int]]:
+    """Per split, the label pixels of each class (the converters' per-tile `counts`, in `names` order)."""
+    return {s: dict(zip(names, map(int, np.sum([done[t]["counts"] for t in tiles], axis=0) if tiles
+                                    else [0] * len(names)), strict=True)) for s, tiles in splits.items()}
+
+
+def write_image_png(img: Image.Image, source: str | Path, target: Path) -> None:
+    """The prepared image: an RGB PNG source is copied byte for byte (no re-encoding), anything else converted."""
+    if img.format == "PNG" and img.mode == "RGB":
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    else:
+        save_png(img.convert("RGB"), target)
+
+
 def finish(out_dir: Path, name: str, info_dict: dict, splits: Mapping[str, list[str]], meta: dict) -> None:
     """Write the split lists, then meta.json last (an interrupted run never looks prepared)."""
     out_dir = Path(out_dir)

@@ -171,14 +171,8 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
     dl.check_problems(INFO.name, problems, Path(source) if source else root, allow_incomplete, raw)
 
     jobs = [(t, str(tiles[t]["image"]), str(tiles[t]["mask"]), str(out_dir)) for _, t in expected if t in good]
-    results = dl.run_pool(_convert, jobs, workers, "inria", progress)
-    failed = [r["error"] for r in results if r["error"]]
-    for r in results:
-        if r["error"]:
-            for sub in ("images", "labels"):
-                (out_dir / sub / f"{r['id']}.png").unlink(missing_ok=True)
-    dl.check_problems(INFO.name, failed, Path(source) if source else root, allow_incomplete, raw)
-    done = {r["id"]: r for r in results if not r["error"]}
+    done = dl.convert_tiles(_convert, jobs, workers, INFO.name, progress, out_dir, Path(source) if source else root,
+                            allow_incomplete, raw)
 
     off_values = {f"gt/{t}.tif": r["off_values"] for t, r in done.items() if r["off_values"]}
     if off_values:
@@ -187,8 +181,7 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
                 + (" ..." if len(off_values) > 5 else "") + "; all counts in meta.json")
     splits = {s: [t for t in lists[s] if t in done] for s in SPLITS}
     missing = {s: [t for t in lists[s] if t not in done] for s in SPLITS}
-    class_pixels = {s: dict(zip(INFO.class_names, map(int, np.sum([done[t]["counts"] for t in splits[s]], axis=0)
-                                                       if splits[s] else [0, 0]), strict=True)) for s in SPLITS}
+    class_pixels = dl.class_pixel_totals(done, splits, INFO.class_names)
     meta = {"source": str(source) if source else public_source(base_url), "tile_size": tile_size,
             "complete": not any(missing.values()), "splits": {s: len(v) for s, v in splits.items()},
             "missing": missing, "off_values": off_values, "class_pixels": class_pixels}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,13 +106,7 @@ def _convert(job: tuple[str, str, str, str]) -> dict:
             if img.size != (label.shape[1], label.shape[0]):
                 return {"id": tile, "error": f"{Path(image_path).name}: {img.size[0]}x{img.size[1]} but its label "
                                              f"is {label.shape[1]}x{label.shape[0]}"}
-            target = Path(out_dir) / "images" / f"{tile}.png"
-            if img.format == "PNG" and img.mode == "RGB":
-                tmp = target.with_name(target.name + ".tmp")
-                shutil.copyfile(image_path, tmp)
-                os.replace(tmp, target)
-            else:
-                dl.save_png(img.convert("RGB"), target)
+            dl.write_image_png(img, image_path, Path(out_dir) / "images" / f"{tile}.png")
         dl.save_png(Image.fromarray(label, mode="L"), Path(out_dir) / "labels" / f"{tile}.png")
         counts = np.bincount(label.ravel(), minlength=256)
         return {"id": tile, "error": None, "off": off, "counts": [int(c) for c in counts[:8]] + [int(counts[255])]}
@@ -156,14 +149,7 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
     dl.check_problems(INFO.name, counts + problems, src, allow_incomplete, raw)
 
     jobs = [(t, str(pairs[s][t]["image"]), str(pairs[s][t]["label"]), str(out_dir)) for s in SPLITS for t in good[s]]
-    results = dl.run_pool(_convert, jobs, workers, "urur", progress)
-    failed = [r["error"] for r in results if r["error"]]
-    for r in results:
-        if r["error"]:
-            for sub in ("images", "labels"):
-                (out_dir / sub / f"{r['id']}.png").unlink(missing_ok=True)
-    dl.check_problems(INFO.name, failed, src, allow_incomplete, raw)
-    done = {r["id"]: r for r in results if not r["error"]}
+    done = dl.convert_tiles(_convert, jobs, workers, INFO.name, progress, out_dir, src, allow_incomplete, raw)
     off = {f"{t}": r["off"] for t, r in done.items() if r["off"]}
     if off:
         named = ", ".join(f"{k} ({v} px)" for k, v in list(off.items())[:5])
@@ -171,10 +157,10 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
                 + (" ..." if len(off) > 5 else "") + "; all counts in meta.json")
     splits = {s: [t for t in good[s] if t in done] for s in SPLITS}
     names = [*INFO.class_names, "ignore"]
-    class_pixels = {s: dict(zip(names, map(int, np.sum([done[t]["counts"] for t in splits[s]], axis=0)
-                                        if splits[s] else [0] * len(names)), strict=True)) for s in SPLITS}
+    class_pixels = dl.class_pixel_totals(done, splits, names)
     meta = {"source": str(source), "tile_size": tile_size, "expected_counts": expected_counts,
-            "complete": not counts and not problems and not failed, "splits": {s: len(v) for s, v in splits.items()},
+            "complete": not counts and not problems and len(done) == len(jobs),
+            "splits": {s: len(v) for s, v in splits.items()},
             "off_class_pixels": off, "class_pixels": class_pixels}
     dl.finish(out_dir, INFO.name, INFO.to_dict(), splits, meta)
     return {"dataset": INFO.name, "out_dir": str(out_dir), "num_images": len(done), "splits": meta["splits"],

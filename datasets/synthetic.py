@@ -1,9 +1,15 @@
 """Synthetic UHR land cover imitating DeepGlobe (same classes, ids and palette), generated deterministically.
 
-Why it looks the way it does: UHR methods beat plain downsampling on DeepGlobe because of two kinds of content, and
-both are here. Large textured regions (agriculture, rangeland, forest, barren, some lakes) that a downsampled view
-still classifies; thin roads and rivers (2-8 px) and small buildings (3-8 px) that a 4x-downsampled view cannot
-resolve. Region sizes are in absolute pixels, so a 2448 image looks like a 1024 one with more regions.
+Why it looks the way it does: UHR methods beat plain downsampling on DeepGlobe because of fine content, and beat
+plain sliding windows because of context; all three kinds of content are here.
+- Large textured regions (agriculture parcels, rangeland, forest, barren, some lakes) that a downsampled view still
+  classifies.
+- Thin roads and rivers (2-8 px) and small buildings (3-8 px) that a 4x-downsampled view cannot resolve.
+- Grass whose class depends on the land use around it, as in DeepGlobe's definitions: inside farmland it is pasture
+  (agriculture), in the wild it is rangeland. Both are drawn with the same texture, so a window that sees only grass
+  cannot tell them apart; the farmland/wild zones are smooth and span several regions (~650 px), so a view of the
+  surroundings (striped parcels nearby, or forest and barren land) can.
+Region sizes are in absolute pixels, so a 2448 image looks like a 1024 one with more regions.
 Each image depends only on (seed, index): any worker count gives byte-identical files.
 """
 from __future__ import annotations
@@ -22,14 +28,14 @@ from tqdm import tqdm
 
 from datasets.base import SPLITS, DatasetError, DatasetInfo, register_dataset, write_split
 
-GENERATOR_VERSION = 1  # bump when the images change, so cached prepared data is recognisably stale
+GENERATOR_VERSION = 2  # bump when the images change, so cached prepared data is recognisably stale
 UNKNOWN, URBAN, AGRICULTURE, RANGELAND, FOREST, WATER, BARREN = range(7)
 LAKE_RATE = 2.5  # expected lakes per 1024x1024 of area (tests set it to 0 to measure river widths)
 DEFAULT_SPLITS: Mapping[str, int] = MappingProxyType({"train": 16, "val": 4, "test": 4})
 
 INFO = DatasetInfo(
     name="synthetic",
-    description="Generated DeepGlobe-like land cover: textured regions plus 2-8 px roads, rivers and buildings",
+    description="Generated DeepGlobe-like land cover: regions, context-dependent grass, 2-8 px roads/rivers/buildings",
     class_names=("unknown", "urban", "agriculture", "rangeland", "forest", "water", "barren"),
     palette=((0, 0, 0), (0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255)),
     native_size=(1024, 1024),
@@ -39,7 +45,12 @@ INFO = DatasetInfo(
 )
 
 _LAND = np.array([AGRICULTURE, RANGELAND, FOREST, BARREN])
-_LAND_P = np.array([0.36, 0.24, 0.24, 0.16])
+# A region's look is the texture it is drawn with, named by the class that owns it in the wild; in farmland the
+# rangeland look (grass) is pasture and is labelled agriculture. Shares: agriculture ~0.43, rangeland ~0.22,
+# forest ~0.22, barren ~0.13 of the land.
+_FARM_LOOKS, _FARM_P = np.array([AGRICULTURE, RANGELAND, FOREST]), np.array([0.5, 0.35, 0.15])
+_WILD_LOOKS, _WILD_P = np.array([RANGELAND, FOREST, BARREN]), np.array([0.45, 0.3, 0.25])
+ZONE_CELLS = 6.0  # farmland/wild zones: smooth noise over the region grid with features of ~6 regions
 _CROPS = np.array([[188, 172, 98], [96, 128, 62], [142, 116, 80], [152, 160, 92], [112, 92, 62], [170, 150, 110]],
                   np.float32)
 _ROOFS = np.array([[0, 0, 0], [168, 78, 58], [192, 190, 184], [118, 120, 130], [216, 210, 198], [142, 98, 72]],
@@ -120,24 +131,41 @@ def _buildings(rng: np.random.Generator, draw: ImageDraw.ImageDraw, road: np.nda
                     off += b + 3
 
 
-def generate_image(image_size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """One image (H, W, 3) uint8 and its label (H, W) uint8 with ids 0..6; depends only on (size, seed, index)."""
-    rng = np.random.default_rng([seed, index])
-    s = image_size
+def land_cover(rng: np.random.Generator, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Region map (s, s) and per-region look, class and farmland flag; generate_image draws it first from its rng.
 
-    # Land regions: noise-warped Voronoi cells of ~220 px (fewer, smaller cells on tiny images), computed at half
-    # resolution for speed (the 2 px steps vanish under the warp and the optical blur).
+    Regions are noise-warped Voronoi cells of ~220 px (fewer, smaller cells on tiny images), computed at half
+    resolution for speed (the 2 px steps vanish under the warp and the optical blur). A region's look is the texture
+    it is drawn with; its class is the look's, except that grass in farmland is pasture, i.e. agriculture.
+    """
     cell, h = min(220.0, s / 3), (s + 1) // 2
     y2, x2 = (np.mgrid[0:h, 0:h].astype(np.float32) * 2 + 0.5)
     warp = [cell * 0.3 * (_noise(rng, h, h, cell / 3) + 0.35 * _noise(rng, h, h, cell / 12)) for _ in range(2)]
     region, sy, sx = _voronoi(rng, s, cell, y2 + warp[0], x2 + warp[1])
     region = region.repeat(2, 0).repeat(2, 1)[:s, :s]
     n = len(sy)
-    cls_of = rng.choice(_LAND, size=n, p=_LAND_P)
+    g = int(round(np.sqrt(n)))
+    zone = _noise(rng, g, g, ZONE_CELLS).ravel()  # one value per region seed, smooth across neighbouring seeds
     inside = np.flatnonzero((sy > 0) & (sy < s) & (sx > 0) & (sx < s))
-    pick = rng.choice(inside, min(4, len(inside)), replace=False)
-    cls_of[pick] = rng.permutation(_LAND)[: len(pick)]  # every image shows all four land classes
+    farm = zone > np.median(zone[inside])  # half the visible regions are farmland, half wild
+    look_of = np.where(farm, rng.choice(_FARM_LOOKS, size=n, p=_FARM_P), rng.choice(_WILD_LOOKS, size=n, p=_WILD_P))
+    # Every image shows parcels and pasture in farmland, rangeland, barren and forest in the wild.
+    for where, looks in ((farm, (AGRICULTURE, RANGELAND)), (~farm, (RANGELAND, BARREN, FOREST))):
+        cand = inside[where[inside]]
+        pick = rng.choice(cand, min(len(looks), len(cand)), replace=False)
+        look_of[pick] = looks[: len(pick)]
+    cls_of = np.where(farm & (look_of == RANGELAND), AGRICULTURE, look_of)
+    return region, look_of, cls_of, farm
+
+
+def generate_image(image_size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image (H, W, 3) uint8 and its label (H, W) uint8 with ids 0..6; depends only on (size, seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    s = image_size
+    region, look_of, cls_of, _farm = land_cover(rng, s)
+    n = len(look_of)
     label = cls_of[region].astype(np.uint8)
+    look = look_of[region]
     tint = (rng.uniform(0.88, 1.12, (n, 1)) * rng.uniform(0.96, 1.04, (n, 3))).astype(np.float32)
 
     fine, mid, low = (_noise(rng, s, s, k).ravel() for k in (3, 12, 60))
@@ -145,7 +173,7 @@ def generate_image(image_size: int, seed: int, index: int) -> tuple[np.ndarray, 
     theta, pw, ph = rng.uniform(0, np.pi, n), *rng.uniform(40, 120, (2, n))
     reg, rgb = region.ravel(), np.empty((s * s, 3), np.float32)
     for c in _LAND:  # each texture is computed on its own pixels only
-        i = np.flatnonzero(label.ravel() == c)
+        i = np.flatnonzero(look.ravel() == c)
         r = reg[i]
         if c == AGRICULTURE:
             # Rotated rectangular parcels per region, each with a crop colour and row stripes; a hash of

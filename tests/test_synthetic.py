@@ -62,7 +62,8 @@ def test_every_class_present_and_urban_water_are_fine(labels_256):
     kept = {c: float((coarse[labels_256 == c] == c).mean()) for c in range(7)}
     assert kept[URBAN] < 0.75, kept
     thin_water = np.stack([(lab == WATER) & ~_opening(lab == WATER, 9) for lab in labels_256])
-    assert thin_water.sum() > 0.5 * (labels_256 == WATER).sum()
+    # Lakes are few and large on 256 px images, so the thin share varies (measured 0.33, 1.0, 0.86 for seeds 0-2).
+    assert thin_water.sum() > 0.25 * (labels_256 == WATER).sum()
     assert (coarse[thin_water] == WATER).mean() < 0.75
     assert all(kept[c] > 0.85 for c in LAND), kept
 
@@ -88,6 +89,34 @@ def test_large_regions_and_lakes_at_1024():
         assert _kept(label == c, 9) > 0.85
     # Classes differ in colour: mean RGB of forest is darker and greener than barren's.
     assert image[label == FOREST].mean() < image[label == BARREN].mean() - 60
+
+
+def test_grass_class_comes_from_its_surroundings_not_its_look():
+    """Pasture (grass in farmland: agriculture) and rangeland (grass in the wild) are drawn alike, so only context
+    tells them apart; and zones span several regions, so the surroundings do carry that context."""
+    pasture, rangeland, parcels, zone_agreement = [], [], [], []
+    for index in range(3):
+        image, label = generate_image(1024, 0, index)
+        region, look_of, cls_of, farm = synthetic.land_cover(np.random.default_rng([0, index]), 1024)
+        land = np.isin(label, LAND)  # not road, river, lake, building or no-data
+        assert (label[land] == cls_of[region][land]).all()  # land_cover is the layout generate_image drew
+        look = look_of[region]
+        grass = land & (look == RANGELAND)
+        assert (grass & (label == synthetic.AGRICULTURE)).mean() > 0.05 and (grass & (label == RANGELAND)).mean() > 0.05
+        pasture.append(image[grass & (label == synthetic.AGRICULTURE)])
+        rangeland.append(image[grass & (label == RANGELAND)])
+        parcels.append(image[land & (look == synthetic.AGRICULTURE)])
+        left, right = region[:, :-1], region[:, 1:]
+        border = left != right
+        zone_agreement.append((farm[left[border]] == farm[right[border]]).mean())
+    pasture, rangeland, parcels = (np.concatenate(x).astype(np.float64) for x in (pasture, rangeland, parcels))
+    # Measured: mean RGB differs by at most 5 levels between pasture and rangeland, 21 between pasture and parcels;
+    # per-channel spread 12-15 for both grasses, 19-33 for parcels.
+    assert np.abs(pasture.mean(0) - rangeland.mean(0)).max() < 8
+    assert np.abs(pasture.mean(0) - parcels.mean(0)).max() > 15
+    assert np.abs(pasture.std(0) - rangeland.std(0)).max() < 4 < (parcels.std(0) - pasture.std(0)).min()
+    # Most region borders (measured 0.67-0.79) join regions of the same zone: neighbours predict the zone.
+    assert min(zone_agreement) > 0.6
 
 
 def test_prepared_layout_is_readable_and_stale_files_go(tmp_path):

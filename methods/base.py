@@ -49,13 +49,16 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 class Phase:
     """One training phase: which submodules it trains (None = all) and which recipe it reads.
 
-    `recipe` names a key inside the method x dataset recipe; None means the recipe itself.
+    `recipe` names a key inside the method x dataset recipe; None means the recipe itself. `data_stream` picks
+    the training-sample order (None: the phase's position), so that configurations with fewer phases can still
+    see the same samples in the phases they share.
     """
 
     name: str
     trainable: tuple[str, ...] | None = None
     recipe: str | None = None
     frozen_eval: tuple[str, ...] = field(default_factory=tuple)
+    data_stream: int | None = None
 
 
 class UHRMethod(nn.Module):

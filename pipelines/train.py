@@ -292,7 +292,8 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
             position = Position(**resume["position"]) if resuming else Position()
             samples = SeededSamples(PreparedDataset(root, "train", transform=training_transform(
                 recipe.crop_size, recipe.resize_ratio, recipe.hflip, recipe.vflip, recipe.rot90, recipe.rotate,
-                recipe.photometric, recipe.cat_max_ratio)), config.seed + 1000 * index)
+                recipe.photometric, recipe.cat_max_ratio)),
+                config.seed + 1000 * (index if phase.data_stream is None else phase.data_stream))
             factory = run_factory(phase.name, phase.name) if nested else contextlib.nullcontext
             with distributed.primary_only(ctx, factory) as phase_run:
                 log = None

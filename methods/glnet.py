@@ -242,7 +242,6 @@ class GLNet(UHRMethod):
                                                                    width=head_width)})
         self.global_fixed.requires_grad_(False)
         self.register_buffer("global_fixed_ready", torch.tensor(False))
-        self.phase: str | None = None  # None: final (phase-3) inference
 
     # ---- phases -----------------------------------------------------------------------------------
 
@@ -264,14 +263,11 @@ class GLNet(UHRMethod):
         """Select what forward_train trains and what predict runs; None = final inference. Entering
         phase 3 snapshots the (stage-1) global branch into `global_fixed` unless a checkpoint already
         filled it; entering phase 1 invalidates that snapshot."""
-        known = {p.name: p for p in self.phases}
-        if name is not None and name not in known:
-            raise MethodError(f"glnet: unknown phase '{name}'; phases: {', '.join(known)}")
+        super().set_phase(name)
         if name == GLOBAL:
             self.global_fixed_ready.fill_(False)
         if name == L2G and not bool(self.global_fixed_ready):
             self._snapshot_global()
-        self.phase = name
         self.train(self.training)  # re-apply the phase's frozen_eval
 
     def _snapshot_global(self) -> None:

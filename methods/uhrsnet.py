@@ -185,7 +185,6 @@ class UHRSNet(UHRMethod):
         self.patch_size, self.min_overlap, self.patch_batch = patch_size, min_overlap, patch_batch
         self.focal_gamma, self.fmreg, self.grad_checkpoint = focal_gamma, fmreg, grad_checkpoint
         self.staged, self.train_block = bool(staged), train_block
-        self.phase: str | None = None  # set by the trainer; None or "main": joint training
         self.ps3_channels = ps3_channels(head_width)
         base = int(torch.randint(2**62, (), device="cpu"))  # one draw from the run's RNG in every configuration
         if self.use_global:
@@ -310,12 +309,6 @@ class UHRSNet(UHRMethod):
         r0 = int(torch.randint(max(1, len(grid.tops) - k + 1), ()))
         c0 = int(torch.randint(max(1, len(grid.lefts) - k + 1), ()))
         return replace(grid, tops=grid.tops[r0:r0 + k], lefts=grid.lefts[c0:c0 + k])
-
-    def set_phase(self, name: str | None) -> None:
-        known = {p.name for p in self.phases}
-        if name is not None and name not in known:
-            raise MethodError(f"uhrsnet: unknown phase '{name}'; phases: {', '.join(sorted(known))}")
-        self.phase = name
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training losses of the current phase (module docstring). Per-patch terms are means over all patches."""

@@ -286,8 +286,7 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
         for index, (phase, recipe) in enumerate(zip(phases, recipes, strict=True)):
             if phase.name in history and (resume is None or resume["phase"] != phase.name):
                 continue  # finished before the interruption
-            if hasattr(model, "set_phase"):
-                model.set_phase(phase.name)
+            model.set_phase(phase.name)
             resuming = resume is not None and resume["phase"] == phase.name
             position = Position(**resume["position"]) if resuming else Position()
             samples = SeededSamples(PreparedDataset(root, "train", transform=training_transform(

@@ -1,14 +1,27 @@
-"""Methods: one module each, registered by name. Importing this package registers them all."""
-from methods import baselines, glnet, isdnet, rue, uhrsnet  # noqa: F401  (importing a method module registers it)
+"""Methods: one module each, named after the method (`methods/<name>.py`), found and imported here so that
+registering a class is all it takes to add one. Shared building blocks live in `methods/blocks/`."""
+import importlib
+import pkgutil
+
 from methods.base import (  # noqa: F401
+    Ablation,
+    Knob,
     MethodError,
+    Output,
+    ParamCount,
     Phase,
     UHRMethod,
     build_method,
     count_parameters,
     display_name,
+    knob,
     list_methods,
     method_class,
     register_method,
     resolve_method_name,
 )
+
+# `methods/global.py` cannot be named in an import statement (`global` is a keyword); importlib takes it.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.ispkg and _module.name != "base" and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -46,6 +46,62 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
+class Knob:
+    """A runtime setting: a constructor keyword that changes inference on a trained model without retraining
+    (RUE's share of refined patches `k`). `sweep` holds the values `bench.py sweep` tries by default; `label`
+    names it in tables ("K")."""
+
+    name: str
+    sweep: tuple[float, ...]
+    label: str = ""
+    help: str = ""
+    bounds: tuple[float, float] | None = None  # (low, high): a value must satisfy low < value <= high
+
+    def check(self, value: float) -> None:
+        if self.bounds is not None and not self.bounds[0] < value <= self.bounds[1]:
+            raise MethodError(f"{self.name} must lie in ({self.bounds[0]:g}, {self.bounds[1]:g}], got {value:g}")
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Output:
+    """A secondary output of a configuration, scored or logged by evaluation beside `predict`'s:
+    kind `logits` is scored like the main prediction (UHRSNet's local-branch number); kind `uncertainty` is a
+    map in [0, 1] summarised on fine-structure vs region pixels and drawn as a panel (RUE's U1)."""
+
+    name: str
+    kind: str
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One row of a method's ablation table: a key (file and run names), the row as the paper prints it, and
+    the constructor keywords that make it."""
+
+    key: str
+    label: str
+    model: dict
+    marks: dict = field(default_factory=dict)  # table column -> bool (printed x), e.g. {"LFF": True}
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts a spec gives for one configuration: `total` (every parameter) and `inference` (the modules
+    `predict` runs); None where the source gives none. The contract test builds the configuration and counts."""
+
+    source: str
+    total: int | None = None
+    inference: int | None = None
+    named: dict = field(default_factory=dict)  # checked against the method's own `parameter_counts()` breakdown
+    num_classes: int = 7
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Phase:
     """One training phase: which submodules it trains (None = all) and which recipe it reads.
 
@@ -70,6 +126,12 @@ class UHRMethod(nn.Module):
     label: ClassVar[str] = ""  # how tables, plots and logs must also name it (a reconstruction says so)
     # DDP must search for unused parameters when a forward pass may skip some (e.g. content-dependent routing)
     ddp_find_unused_parameters: ClassVar[bool] = False
+    # What the pipelines need to know about a method, declared here and read generically (README, "Adding a method").
+    knobs: ClassVar[tuple[Knob, ...]] = ()  # runtime settings and their sweeps
+    ablations: ClassVar[tuple[Ablation, ...]] = ()  # rows of the paper's ablation table
+    # published rows this method fills: row name in docs/published/tables.yaml -> the knob settings of that row
+    published: ClassVar[dict[str, dict]] = {}
+    param_counts: ClassVar[tuple[ParamCount, ...]] = ()  # from the spec, checked by tests/test_contract.py
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         super().__init__()
@@ -97,19 +159,19 @@ class UHRMethod(nn.Module):
         return self.predict(images)
 
     @property
-    def secondary_outputs(self) -> tuple[str, ...]:
-        """Names of other predictions the paper also reports (UHRSNet: its "local" number), each scored by
-        evaluation next to `predict`'s through `predict_output`."""
+    def outputs(self) -> tuple[Output, ...]:
+        """Secondary outputs of this configuration (UHRSNet's "local" number, RUE's uncertainty), each computed by
+        `predict_output` and handled by evaluation according to its kind."""
         return ()
 
     def predict_output(self, images: torch.Tensor, output: str) -> torch.Tensor:
-        """Logits of one of `secondary_outputs`, at the input resolution."""
+        """One of `outputs` at the input resolution: logits (B, C, H, W) or a map (B, 1, H, W)."""
         raise MethodError(f"method '{self.name}' has no output '{output}'")
 
     def predict_tiled(self, images: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
         """`predict` tile by tile (overlapping tiles, logits averaged) for images too large for one
         pass; peak memory then scales with the tile, plus the full-size logit canvas."""
-        from methods.windows import sliding_window_logits
+        from methods.blocks.windows import sliding_window_logits
 
         if images.shape[-2] <= tile and images.shape[-1] <= tile:
             return self.predict(images)
@@ -211,6 +273,11 @@ def build_method(name: str, num_classes: int, **cfg) -> UHRMethod:
     except TypeError as exc:
         raise MethodError(f"method '{cls.name}': bad config ({exc}); "
                           f"check methods.{cls.name}.model in params.yaml") from exc
+
+
+def knob(name: str, key: str) -> Knob | None:
+    """Method `name`'s declared runtime knob `key`, or None."""
+    return next((k for k in method_class(name).knobs if k.name == key), None)
 
 
 def list_methods() -> dict[str, str]:

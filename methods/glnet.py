@@ -13,87 +13,29 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from methods.base import MethodError, Phase, UHRMethod, count_parameters, register_method
-from methods.fpn import WIDTH, GlobalFPN, HeadOutput, LocalFPN, Pyramid, fpn_trunk, ps3_channels, resize_like
-
-Box = tuple[int, int, int, int]  # (y, x, h, w) in some feature map
-
+from methods.base import MethodError, ParamCount, Phase, UHRMethod, count_parameters, register_method
+from methods.blocks.fpn import (
+    WIDTH,
+    GlobalFPN,
+    HeadOutput,
+    LocalFPN,
+    Pyramid,
+    fpn_trunk,
+    frozen_bn_stats,
+    ps3_channels,
+    resize_like,
+)
+from methods.blocks.losses import focal_loss, nearest_labels
+from methods.blocks.patches import LogitStitcher, PatchGrid, crop_boxes, cut_patches
 
 # ---------------------------------------------------------------------------------------------------
-# Patch geometry (§3.4, §3.9)
-
-
-def grid_starts(length: int, patch: int, min_overlap: int = 50) -> list[int]:
-    """Patch offsets along one side (upstream `get_patch_info`): the fewest patches covering the
-    side whose overlap is >= min_overlap, evenly spaced (rounded half-to-even), the last flush."""
-    if length < patch:
-        raise MethodError(f"glnet: image side {length} is smaller than patch_size {patch}; lower patch_size")
-    if not 0 <= min_overlap < patch:
-        raise MethodError(f"glnet: min_overlap must be in [0, patch_size), got {min_overlap}")
-    if length == patch:
-        return [0]  # upstream divides by zero here
-    n = max(2, -(-length // patch))
-    while patch - (length - patch) / (n - 1) < min_overlap:
-        n += 1
-    step = (length - patch) / (n - 1)
-    return [round(k * step) for k in range(n - 1)] + [length - patch]
-
-
-@dataclass(frozen=True)
-class PatchGrid:
-    """The row-major patch grid of one image size and the patch boxes at any feature resolution."""
-
-    height: int
-    width: int
-    patch: int
-    tops: tuple[int, ...]
-    lefts: tuple[int, ...]
-
-    @classmethod
-    def build(cls, height: int, width: int, patch: int, min_overlap: int = 50) -> PatchGrid:
-        return cls(height, width, patch, tuple(grid_starts(height, patch, min_overlap)),
-                   tuple(grid_starts(width, patch, min_overlap)))
-
-    @property
-    def coords(self) -> list[tuple[int, int]]:
-        return [(t, left) for t in self.tops for left in self.lefts]
-
-    def __len__(self) -> int:
-        return len(self.tops) * len(self.lefts)
-
-    def boxes(self, fh: int, fw: int) -> list[Box]:
-        """Patch boxes in an (fh, fw) map of the whole image (`_crop_global`): size round(f * p / side),
-        origin round((top / side) * f), Python's round = numpy's half-to-even. The origin is clamped so a
-        box never runs off the map (upstream would slice a smaller crop and fail to stack it)."""
-        h, w = round(fh * (self.patch / self.height)), round(fw * (self.patch / self.width))
-        return [(min(round((t / self.height) * fh), fh - h), min(round((left / self.width) * fw), fw - w), h, w)
-                for t, left in self.coords]
-
-    def coverage(self, fh: int, fw: int, device=None) -> torch.Tensor:
-        """How many boxes cover each position of an (fh, fw) map, (1, 1, fh, fw)."""
-        count = torch.zeros(1, 1, fh, fw, device=device)
-        for y, x, h, w in self.boxes(fh, fw):
-            count[..., y:y + h, x:x + w] += 1
-        return count
-
-    def upstream_coverage(self, fh: int, fw: int, device=None) -> torch.Tensor:
-        """Upstream's approximation (§3.5, §10.1 #9): the full-resolution count map bilinearly resized."""
-        full = torch.zeros(1, 1, self.height, self.width, device=device)
-        for t, left in self.coords:
-            full[..., t:t + self.patch, left:left + self.patch] += 1
-        return F.interpolate(full, size=(fh, fw), mode="bilinear", align_corners=False)
-
-
-def crop_boxes(fmap: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
-    """Stack the boxes of one image's map (1, C, H, W) into a batch (n, C, h, w) (plain slicing, §3.4)."""
-    return torch.cat([fmap[:, :, y:y + h, x:x + w] for y, x, h, w in boxes], dim=0)
+# Local-to-global merge (§3.5); the patch grid itself is methods/blocks/patches.py
 
 
 class FeatureCanvas:
@@ -124,70 +66,6 @@ class FeatureCanvas:
         return Pyramid.from_maps(out)
 
 
-class LogitStitcher:
-    """Full-resolution average of patch logits (§5.1): each patch's stride-4 logits are upsampled
-    nearest to the patch size and summed; dividing by the patch count makes it an average (upstream
-    sums, which has the same argmax)."""
-
-    def __init__(self, grid: PatchGrid, num_classes: int, device=None, dtype=torch.float32) -> None:
-        self.grid = grid
-        self.total = torch.zeros(1, num_classes, grid.height, grid.width, device=device, dtype=dtype)
-
-    def add(self, logits: torch.Tensor, indices: Sequence[int]) -> None:
-        p = self.grid.patch
-        up = F.interpolate(logits.to(self.total.dtype), size=(p, p), mode="nearest")
-        coords = self.grid.coords
-        for i, j in enumerate(indices):
-            t, left = coords[j]
-            self.total[:, :, t:t + p, left:left + p] += up[i:i + 1]
-
-    def result(self) -> torch.Tensor:
-        count = torch.zeros(1, 1, self.grid.height, self.grid.width, device=self.total.device)
-        p = self.grid.patch
-        for t, left in self.grid.coords:
-            count[..., t:t + p, left:left + p] += 1
-        return self.total / count
-
-
-# ---------------------------------------------------------------------------------------------------
-# Losses (§4.2-4.3)
-
-
-def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, ignore_index: int,
-               eps: float = 1e-7) -> torch.Tensor:
-    """Upstream `FocalLoss`: softmax probability of the true class clamped to [eps, 1 - eps],
-    -(1 - p)^gamma log p, mean over pixels; plus a working ignore index (§10.1 #13)."""
-    valid = labels != ignore_index
-    if not valid.any():
-        return logits.sum() * 0.0
-    target = torch.where(valid, labels, 0)
-    p = F.softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1).clamp(eps, 1.0 - eps)
-    loss = -((1.0 - p) ** gamma) * p.log()
-    return loss[valid].mean()
-
-
-def nearest_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """PIL-NEAREST downsampling of (B, H, W) labels (pixel-centre sampling = torch 'nearest-exact')."""
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels.long()
-    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].long()
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
-    """BN momentum 0 while activation checkpointing recomputes a forward, so running statistics are
-    updated once per patch batch, as without checkpointing."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(bns, saved, strict=True):
-            m.momentum = momentum
-
-
 # ---------------------------------------------------------------------------------------------------
 # The method
 
@@ -205,6 +83,9 @@ def _prefixed(module: str, names: Sequence[str]) -> tuple[str, ...]:
 class GLNet(UHRMethod):
     name = "glnet"
     description = "GLNet: global + local ResNet-50 FPN branches sharing features, 3-phase training (CVPR 2019)"
+    published = {"GLNet": {}}
+    # spec §7: the upstream `fpn` module's tensors, and the parameters inference uses (7 classes)
+    param_counts = (ParamCount("spec §7", named={"checkpoint": 79_200_917, "inference": 102_741_212}),)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool | str = False,
                  global_size: int = 508, patch_size: int = 508, min_overlap: int = 50, patch_batch: int = 6,
@@ -316,11 +197,7 @@ class GLNet(UHRMethod):
     def _grid(self, images: torch.Tensor) -> PatchGrid:
         return PatchGrid.build(images.shape[-2], images.shape[-1], self.patch_size, self.min_overlap)
 
-    @staticmethod
-    def _cut(images: torch.Tensor, grid: PatchGrid, indices: Sequence[int]) -> torch.Tensor:
-        """Patches `indices` of one image (1, C, H, W) or label map (1, H, W), stacked on dim 0."""
-        p, coords = grid.patch, grid.coords
-        return torch.cat([images[..., t:t + p, left:left + p] for t, left in (coords[j] for j in indices)])
+    _cut = staticmethod(cut_patches)  # patches `indices` of one image or label map, stacked on dim 0
 
     @staticmethod
     def _chunks(n: int, size: int) -> Iterator[list[int]]:

@@ -14,22 +14,23 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ConvNormAct
 from torch import nn
 
-from methods.backbones import read_state_dict, resnet_v1c
-from methods.base import LoadReport, MethodError, UHRMethod, register_method
-from methods.heads import ASPPHead, FCNHead, SampleSafeBatchNorm2d
-from methods.losses import resize_logits
-from methods.stdc import STDCNet, init_stdc, load_stdc_pretrained, stdc_state_dict
+from methods.base import LoadReport, MethodError, ParamCount, UHRMethod, register_method
+from methods.blocks.backbones import read_state_dict, resnet_v1c
+from methods.blocks.heads import ASPPHead, FCNHead, SampleSafeBatchNorm2d
+from methods.blocks.mmseg import (
+    SegmentationHead,
+    conv_bn,
+    init_conv_modules,
+    init_conv_seg,
+    map_official_keys,
+    mmseg_cross_entropy,
+)
+from methods.blocks.stdc import STDCNet, init_stdc, load_stdc_pretrained
 
 # ---------------------------------------------------------------------------------------------------------------
 # building blocks
-
-
-def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, act: bool = True) -> ConvNormAct:
-    """mmcv ConvModule equivalent (`.conv` no bias, `.bn`, optional ReLU, 'same' padding)."""
-    return ConvNormAct(in_channels, out_channels, kernel_size, bias=False, apply_act=act)
 
 
 def pooled_conv_bn(channels: int) -> nn.Sequential:
@@ -37,40 +38,6 @@ def pooled_conv_bn(channels: int) -> nn.Sequential:
     there is one value per channel (batch 1 in training), where plain BN raises (§9.3 batch-size note)."""
     return nn.Sequential(OrderedDict(conv=nn.Conv2d(channels, channels, 1, bias=False),
                                      bn=SampleSafeBatchNorm2d(channels)))
-
-
-def _conv_norm_pairs(module: nn.Module):
-    """(conv, norm) of every ConvModule-like piece: timm ConvNormAct, or a Sequential with a Conv2d directly
-    followed by a BatchNorm2d (the shared ASPP image pool, `pooled_conv_bn`)."""
-    for m in module.modules():
-        if isinstance(m, ConvNormAct):
-            yield m.conv, m.bn
-        elif isinstance(m, nn.Sequential):
-            children = list(m.children())
-            for conv, norm in zip(children, children[1:], strict=False):
-                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                    yield conv, norm
-
-
-def init_conv_modules(module: nn.Module) -> None:
-    """mmcv ConvModule init (§2.8): kaiming-normal fan_out/relu conv, zero bias, BN weight 1 / bias 0. Plain
-    convs outside ConvModules (e.g. SegmentationHead.conv_out) keep PyTorch's default, as upstream."""
-    for conv, norm in _conv_norm_pairs(module):
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        if conv.bias is not None:
-            nn.init.zeros_(conv.bias)
-        nn.init.ones_(norm.weight)
-        nn.init.zeros_(norm.bias)
-
-
-def init_conv_seg(module: nn.Module, std: float = 0.01) -> None:
-    """mmseg `init_cfg=Normal(std=0.01, override=conv_seg)` under mmcv's whole-module override (§2.8): every weight
-    in the `conv_seg` module (conv and BN gamma alike) ~ N(0, std), every bias 0."""
-    for m in module.modules():
-        if getattr(m, "weight", None) is not None:
-            nn.init.normal_(m.weight, 0.0, std)
-        if getattr(m, "bias", None) is not None:
-            nn.init.zeros_(m.bias)
 
 
 class LaplacianPyramid(nn.Module):
@@ -123,18 +90,6 @@ def laplacian_input(residuals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, to
     h0, h1 = residuals
     h1 = F.interpolate(h1, size=h0.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([h0, h1], dim=1), h0 + h1
-
-
-class SegmentationHead(nn.Module):
-    """ConvBNReLU 3x3 (in -> mid) + 1x1 conv with bias (mid -> classes) (isdhead `SegmentationHead`)."""
-
-    def __init__(self, in_channels: int, mid_channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.conv_bn_relu = conv_bn(in_channels, mid_channels, 3)
-        self.conv_out = nn.Conv2d(mid_channels, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.conv_bn_relu(x))
 
 
 class ChannelAtt(nn.Module):
@@ -238,13 +193,6 @@ class ISDHead(nn.Module):
 # losses (§3)
 
 
-def mmseg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """mmseg 0.16 CrossEntropyLoss: logits bilinearly resized to the label size, per-pixel CE with ignored pixels
-    set to 0, mean over ALL pixels (ignored ones count in the denominator, §3)."""
-    logits = resize_logits(logits, labels.shape[-2:])
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none").mean()
-
-
 def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """MSE between the bilinearly resized SR output and H0 + up(H1) (normalised units), unweighted."""
     if prediction.shape[-2:] != target.shape[-2:]:
@@ -288,28 +236,6 @@ _OFFICIAL_RENAMES = (
 )
 
 
-def map_official_keys(state: dict[str, torch.Tensor], renames, unused: tuple[str, ...] = ()
-                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """mmseg release keys -> our keys (prefix `renames`), STDC `x2/x4/x8/x16` aliases folded onto
-    `features.*`; keys starting with an `unused` prefix are returned as skipped. Shared with RUE."""
-    stdc, out, skipped = {}, {}, []
-    for key, value in state.items():
-        if unused and key.startswith(unused):
-            skipped.append(key)
-            continue
-        if key.startswith("refine_head.stdc_net."):
-            stdc[key[len("refine_head.stdc_net."):]] = value
-            continue
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    if stdc:
-        out.update({f"refine_head.stdc_net.{k}": v for k, v in stdc_state_dict(stdc).items()})
-    return out, skipped
-
-
 def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Release keys -> our keys (§8)."""
     return map_official_keys(state, _OFFICIAL_RENAMES)[0]
@@ -323,6 +249,9 @@ def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class ISDNet(UHRMethod):
     name = "isdnet"
     description = "ISDNet: ResNet18-D8+ASPP on the 4x-downsampled image + STDC on Laplacian residuals, RAF fusion"
+    published = {"ISDNet": {}}
+    # spec §2.10 (17.78 M total, 17.23 M on the inference path, 7 classes); exact counts as the official code's
+    param_counts = (ParamCount("spec §2.10, official code @7341335", total=17_780_554, inference=17_225_010),)
 
     def __init__(self, num_classes: int, pretrained: bool | str = False, stdc_pretrained: bool | str = False,
                  down_ratio: int = 4, deep_stem: bool = True, dilations: Sequence[int] = (1, 12, 24, 36),

@@ -35,13 +35,19 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from torch import nn
 
-from methods.backbones import read_state_dict, resnet_v1c
-from methods.base import LoadReport, MethodError, UHRMethod, register_method
-from methods.dappm import DAPPM
-from methods.heads import FCNHead
-from methods.isdnet import SegmentationHead, init_conv_modules, init_conv_seg, map_official_keys, mmseg_cross_entropy
-from methods.losses import resize_logits
-from methods.stdc import STDCNet, init_stdc, load_stdc_pretrained
+from methods.base import Knob, LoadReport, MethodError, Output, ParamCount, UHRMethod, register_method
+from methods.blocks.backbones import read_state_dict, resnet_v1c
+from methods.blocks.dappm import DAPPM
+from methods.blocks.heads import FCNHead
+from methods.blocks.losses import resize_logits
+from methods.blocks.mmseg import (
+    SegmentationHead,
+    init_conv_modules,
+    init_conv_seg,
+    map_official_keys,
+    mmseg_cross_entropy,
+)
+from methods.blocks.stdc import STDCNet, init_stdc, load_stdc_pretrained
 
 # ---------------------------------------------------------------------------------------------------------------
 # pure building blocks (Estimator, Selector, Ensembler, Complementer)
@@ -240,6 +246,11 @@ class RUE(UHRMethod):
     name = "rue"
     description = ("RUE: ResNet18-D8+DAPPM on the 4x-downsampled image, uncertainty-selected top-K full-resolution "
                    "patches through STDC, uncertainty-weighted fusion and loss")
+    knobs = (Knob("k", sweep=(1.0, 0.75, 0.5, 0.25), label="K", bounds=(0.0, 1.0),
+                  help="share of the P x P patches the shallow stream refines at inference (§13.8)"),)
+    published = {"RUE (K = 100%)": {"k": 1.0}, "RUE (K = 75%)": {"k": 0.75}, "RUE (K = 50%)": {"k": 0.5}}
+    # the spec gives no figure: the head counts are derived by hand from §3 (tests/test_rue.py), 7 classes
+    param_counts = (ParamCount("derived from specs §3 (no upstream figure)", total=13_846_520, inference=13_698_481),)
 
     def __init__(self, num_classes: int, pretrained: bool | str = False, stdc_pretrained: bool | str = False,
                  down_ratio: int = 4, deep_stem: bool = True, patch_num: int = 8, train_patch_num: int | None = None,
@@ -352,6 +363,15 @@ class RUE(UHRMethod):
             "refine.loss_seg": useg_loss(out["logits"], out["u1"], labels, self.gamma, self.ignore_index),
             "aux.loss_seg": self.aux_weight * ce(self.auxiliary_head(out["stages"][2]), labels, self.ignore_index),
         }
+
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        return (Output("uncertainty", "uncertainty", "U1, the pixel uncertainty the Ensembler weights by"),)
+
+    def predict_output(self, images: torch.Tensor, output: str) -> torch.Tensor:
+        if output == "uncertainty":
+            return self.uncertainty_map(images)
+        return super().predict_output(images, output)
 
     @torch.no_grad()
     def uncertainty_map(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ THIS IS A RECONSTRUCTION, NOT UHRSNet's CODE. No code of UHRSNet exists anywhere
 has not been checked; all that is known is its two claimed contributions (§1) and its headline DeepGlobe
 numbers (72.0 "global" / 71.4 "local" mIoU, its own protocol). Everything below that is not one of those
 two sentences is our choice, made to stay comparable with GLNet (the method UHRSNet improves on, §2) and
-built from GLNet's pieces (`methods/glnet.py`, `methods/fpn.py`):
+built from GLNet's pieces (`methods/blocks/patches.py`, `methods/blocks/fpn.py`, `methods/blocks/losses.py`):
 
 1. One-time global-local fusion (contribution 1, §4.2) [recon]: a global ResNet + plain FPN on the whole
    image resized to `global_size`, a local ResNet + plain FPN on `patch_size` patches (GLNet's grid, overlap
@@ -61,9 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import MethodError, Phase, UHRMethod, register_method
-from methods.fpn import WIDTH, GlobalFPN, HeadOutput, fpn_trunk, ps3_channels, resize_like
-from methods.glnet import GLNet, LogitStitcher, PatchGrid, crop_boxes, focal_loss, frozen_bn_stats, nearest_labels
+from methods.base import Ablation, MethodError, Output, Phase, UHRMethod, register_method
+from methods.blocks.fpn import WIDTH, GlobalFPN, HeadOutput, fpn_trunk, frozen_bn_stats, ps3_channels, resize_like
+from methods.blocks.losses import focal_loss, nearest_labels
+from methods.blocks.patches import LogitStitcher, PatchGrid, crop_boxes, cut_patches
 
 BRANCHES = ("both", "local", "global")
 
@@ -238,7 +239,7 @@ class UHRSNet(UHRMethod):
         """Plain local branch on every patch of one image (1, 3, H, W): ps3 of all patches (n, C, h, w)."""
         maps = []
         for idx in _chunks(len(grid), chunk):
-            patches = GLNet._cut(image, grid, idx)
+            patches = cut_patches(image, grid, idx)
             if self.grad_checkpoint and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
@@ -328,7 +329,7 @@ class UHRSNet(UHRMethod):
         per_image: dict[str, list[torch.Tensor]] = {}
         for i in range(images.shape[0]):
             out = self.image_outputs(images, i, grid, g, len(grid))
-            targets = GLNet._cut(labels[i:i + 1], grid, range(len(grid)))
+            targets = cut_patches(labels[i:i + 1], grid, range(len(grid)))
             per_image.setdefault("loss_local", []).append(self._focal(out["local"], targets))
             if "fused" in out:
                 per_image.setdefault("loss_fused", []).append(self._focal(out["fused"], targets))
@@ -361,9 +362,11 @@ class UHRSNet(UHRMethod):
         return stitch.result()
 
     @property
-    def secondary_outputs(self) -> tuple[str, ...]:
+    def outputs(self) -> tuple[Output, ...]:
         """With both branches, the local branch's own prediction: the paper's "local" number (§4.6)."""
-        return ("local",) if self.use_global and self.use_local else ()
+        if self.use_global and self.use_local:
+            return (Output("local", "logits", "the local branch alone (after LFF), the paper's \"local\" number"),)
+        return ()
 
     @torch.no_grad()
     def predict_output(self, images: torch.Tensor, output: str) -> torch.Tensor:
@@ -378,16 +381,19 @@ def _chunks(n: int, size: int) -> Iterator[list[int]]:
         yield list(range(start, min(start + size, n)))
 
 
-def configuration_kwargs(branches: str, local_fusion: bool) -> dict:
-    """Model kwargs of one ablation row (Table III layout)."""
-    return {"branches": branches, "local_fusion": local_fusion, "global_local_fusion": branches == "both"}
+def ablation_row(key: str, label: str, branches: str, local_fusion: bool) -> Ablation:
+    """One row of the paper's Table III: its switches as model keywords and as the table's marks."""
+    return Ablation(key, label, {"branches": branches, "local_fusion": local_fusion,
+                                 "global_local_fusion": branches == "both"},
+                    marks={"local branch": branches in ("both", "local"), "LFF": local_fusion,
+                           "global branch": branches in ("both", "global")})
 
 
-# The five rows of the paper's ablation (Table III layout): key, label, model kwargs.
-ABLATION_ROWS: Sequence[tuple[str, str, dict]] = (
-    ("local", "local", configuration_kwargs("local", False)),
-    ("local_lff", "local + LFF", configuration_kwargs("local", True)),
-    ("global", "global", configuration_kwargs("global", False)),
-    ("global_local", "global + local (one-time fusion)", configuration_kwargs("both", False)),
-    ("global_local_lff", "global + local + LFF", configuration_kwargs("both", True)),
+# The five rows of the paper's ablation (Table III layout; `bench.py ablation --method uhrsnet`).
+UHRSNet.ablations = (
+    ablation_row("local", "local", "local", False),
+    ablation_row("local_lff", "local + LFF", "local", True),
+    ablation_row("global", "global", "global", False),
+    ablation_row("global_local", "global + local (one-time fusion)", "both", False),
+    ablation_row("global_local_lff", "global + local + LFF", "both", True),
 )

@@ -1,30 +1,50 @@
-"""Load and validate params.yaml: the one place every knob lives.
+"""params.yaml: loading, the one override order, and validation of the whole resolved configuration.
 
-Errors are `ConfigError`s naming the key and the fix; the CLI prints them as one line.
+Override order, lowest first, applied identically by every command (README, "Configuration"):
+1. the method's constructor defaults (code);
+2. `methods.<m>.model`;
+3. `methods.<m>.recipes.<profile>.model` (the profile's recipe for every dataset);
+4. `methods.<m>.recipes.<profile>.datasets.<dataset>.model`;
+5. `--set <m>.<key>=value` (same as `--set methods.<m>.model.<key>=value`): always wins.
+Recipes merge the same way (profile fields < dataset fields); `use: <name>` (or a list of names) pulls in the named
+blocks of `schedules:` first, so a shared schedule is written once. Every other `--set a.b=c` edits that path of
+params.yaml before anything is resolved. Errors are `ConfigError`s naming the key and the fix; the CLI prints them
+as one line.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import inspect
 import json
+import typing
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, TypeAdapter, ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PROFILES = ("smoke", "paper")
+OVERRIDE_ORDER = ("code defaults", "methods.<m>.model", "recipes.<profile>.model",
+                  "recipes.<profile>.datasets.<dataset>.model", "--set")
 
 
 class ConfigError(ValueError):
     """params.yaml (or a --set override) is malformed; the message names the key and the fix."""
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# recipes
+
+
 @dataclass(frozen=True)
 class Schedule:
-    name: str = "poly"
+    name: Literal["poly", "constant"] = "poly"
     power: float = 0.9
     min_lr: float = 0.0
 
@@ -36,7 +56,7 @@ class Recipe:
     iterations: int
     batch_size: int
     lr: float
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: Schedule = field(default_factory=Schedule)
@@ -48,7 +68,7 @@ class Recipe:
     rotate: dict | None = None  # {prob, degrees: [lo, hi]}: arbitrary-angle rotation, label padded with ignore
     photometric: bool = False
     cat_max_ratio: float | None = None
-    amp: str | None = None  # None, "fp16" or "bf16" (CUDA only)
+    amp: Literal["fp16", "bf16"] | None = None  # CUDA only
     channels_last: bool = False  # NHWC memory format (CUDA only)
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
@@ -69,34 +89,220 @@ class Recipe:
         schedule = values.get("schedule") or {}
         if not isinstance(schedule, dict) or set(schedule) - {"name", "power", "min_lr"}:
             raise ConfigError(f"{where}.schedule must be a mapping with name/power/min_lr")
-        values["schedule"] = Schedule(**schedule)
-        recipe = cls(**values)
+        values["schedule"] = schedule
+        recipe = _typed(cls, values, where)
         recipe._check(where)
         return recipe
 
     def _check(self, where: str) -> None:
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ConfigError(f"{where}.optimizer must be sgd, adam or adamw, got '{self.optimizer}'")
-        if self.schedule.name not in ("poly", "constant"):
-            raise ConfigError(f"{where}.schedule.name must be poly or constant, got '{self.schedule.name}'")
-        if self.amp not in (None, "fp16", "bf16"):
-            raise ConfigError(f"{where}.amp must be null, fp16 or bf16, got '{self.amp}'")
         for name in ("iterations", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be a positive number, got {self.lr!r}")
-        if self.crop_size is not None and (not isinstance(self.crop_size, int) or self.crop_size < 8):
+        if self.crop_size is not None and self.crop_size < 8:
             raise ConfigError(f"{where}.crop_size must be null or an integer >= 8, got {self.crop_size!r}")
+
+
+RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))
+
+
+@cache
+def _adapter(kind) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
+def _typed(cls, values: dict, where: str):
+    """`cls(**values)` with every field's type checked (pydantic, lax: 2 is a float, "two" is not an int)."""
+    try:
+        return _adapter(cls).validate_python(values)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_line(exc, where)) from None
+
+
+def _pydantic_line(exc: ValidationError, where: str) -> str:
+    error = exc.errors()[0]
+    loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    key = f"{where}.{loc}" if where and loc else (where or loc)
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; remove or rename it"
+    if error["type"] == "missing":
+        return f"{key}: missing; add it"
+    return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]}, got {error.get('input')!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shape of params.yaml
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Benchmark(_Block):
+    datasets: list[str]
+    methods: list[str]
+
+
+class TrainSettings(_Block):
+    workers: NonNegativeInt = 0  # DataLoader workers
+    nproc_per_node: PositiveInt = 1  # processes under torchrun
+    batch_per_device: PositiveInt | None = None  # micro-batch per process; None: recipe batch / processes
+    deterministic: bool = False
+
+
+class EvaluateSettings(_Block):
+    split: str = "test"
+    num_visualizations: NonNegativeInt = 3
+    tile_size: PositiveInt | None = None
+    tile_overlap: NonNegativeInt = 256
+
+
+def _per_device(kind):
+    return kind | dict[str, kind]
+
+
+class MeasureBlock(_Block):
+    """Types only; pipelines/measure.py's MeasureSettings resolves per-device values and checks ranges."""
+
+    device: str = "auto"
+    warmup: _per_device(NonNegativeInt) = 2
+    iterations: _per_device(PositiveInt) = 5
+    min_seconds: _per_device(float) = 0.0
+    source: Literal["real", "dummy"] = "real"
+    max_images: PositiveInt = 4
+    scale: PositiveFloat = 1.0
+    amp: Literal["fp16", "bf16"] | None = None
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
+    poll_interval_ms: PositiveFloat = 10.0
+    sweep: list[PositiveInt] = [1024, 2048, 2448, 4096, 5000, 8192]
+
+
+class MethodBlock(_Block):
+    model: dict[str, Any] = {}
+    recipes: dict[Literal["smoke", "paper"], dict[str, Any]] = {}
+
+
+class Params(_Block):
+    profile: Literal["smoke", "paper"]
+    seed: int = 0
+    data_root: str = "data"
+    checkpoint_root: str = "checkpoints"
+    results_root: str = "results"
+    benchmark: Benchmark
+    datasets: dict[str, dict[str, Any]]
+    train: TrainSettings = TrainSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
+    measure: MeasureBlock = MeasureBlock()
+    schedules: dict[str, dict[str, Any]] = {}
+    methods: dict[str, MethodBlock]
+
+
+TOP_LEVEL = tuple(Params.model_fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merging
+
+
+def deep_merge(base: dict, delta: dict) -> dict:
+    """`delta` over `base`; mappings merge key by key, anything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def expand_uses(block: dict, schedules: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
+    """`use: name` / `use: [a, b]`: the named `schedules:` blocks (themselves expanded) under the block's own keys."""
+    block = dict(block)
+    names = block.pop("use", None)
+    if names is None:
+        return block
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{where}.use must be a schedule name or a list of names, got {names!r}")
+    merged: dict = {}
+    for name in names:
+        if name not in schedules:
+            raise ConfigError(f"{where}.use: unknown schedule '{name}'; defined in schedules: "
+                              f"{', '.join(sorted(schedules)) or 'none'}")
+        if name in seen:
+            raise ConfigError(f"schedules.{name} uses itself (through {' -> '.join(seen)})")
+        merged = deep_merge(merged, expand_uses(schedules[name], schedules, f"schedules.{name}", (*seen, name)))
+    return deep_merge(merged, block)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model keywords: checked against the constructor
+
+
+@cache
+def _constructor(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(defaults, type hints) of method `name`'s constructor keywords (num_classes and ignore_index aside),
+    following `**kwargs` up to the parent that takes them (the DeepLabv3 baselines)."""
+    from methods import UHRMethod, method_class
+
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for klass in method_class(name).__mro__:
+        if klass is UHRMethod or "__init__" not in vars(klass):
+            continue
+        init = vars(klass)["__init__"]
+        signature = inspect.signature(init)
+        try:
+            types = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: names are still checked
+            types = {}
+        for p in signature.parameters.values():
+            if p.name in ("self", "num_classes", "ignore_index") or p.name in params \
+                    or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            params[p.name], hints[p.name] = p, types.get(p.name, Any)
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            break
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return defaults, hints
+
+
+def full_model_config(method: str, model: dict) -> dict:
+    """`model` over the constructor's defaults: every keyword the method is built with."""
+    defaults, _ = _constructor(method)
+    return {**copy.deepcopy(defaults), **model}
+
+
+def check_model(method: str, model: dict, where: str) -> None:
+    """Unknown keywords and wrong types are ConfigErrors naming `where.<key>`."""
+    defaults, hints = _constructor(method)
+    unknown = sorted(set(model) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} for method '{method}'; "
+                          f"its keywords: {', '.join(sorted(hints))}")
+    for key, value in model.items():
+        try:
+            _adapter(hints[key]).validate_python(value)
+        except ValidationError:
+            kind = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise ConfigError(f"{where}.{key} must be {kind}, got {value!r}") from None
+        except Exception:  # noqa: BLE001,S110 - a type pydantic cannot check; the constructor will
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the configuration
 
 
 @dataclass
 class Config:
-    """The parsed params.yaml."""
+    """The parsed params.yaml plus the `--set` model overrides, resolved on demand in the documented order."""
 
     raw: dict
     path: Path
+    model_sets: dict[str, dict] = field(default_factory=dict)  # --set <m>.<key>=v, the last word
 
     @property
     def root(self) -> Path:
@@ -110,17 +316,20 @@ class Config:
     def seed(self) -> int:
         return int(self.raw.get("seed", 0))
 
+    def _path(self, key: str, default: str) -> Path:
+        return (self.root / self.raw.get(key, default)).resolve()
+
     @property
     def data_root(self) -> Path:
-        return (self.root / self.raw.get("data_root", "data")).resolve()
+        return self._path("data_root", "data")
 
     @property
     def checkpoint_root(self) -> Path:
-        return (self.root / self.raw.get("checkpoint_root", "checkpoints")).resolve()
+        return self._path("checkpoint_root", "checkpoints")
 
     @property
     def results_root(self) -> Path:
-        return (self.root / self.raw.get("results_root", "results")).resolve()
+        return self._path("results_root", "results")
 
     @property
     def benchmark_datasets(self) -> list[str]:
@@ -131,54 +340,143 @@ class Config:
         return list(self.raw["benchmark"]["methods"])
 
     def section(self, name: str) -> dict:
-        return dict(self.raw.get(name) or {})
+        """A settings block with every default filled in (train, evaluate, measure)."""
+        block = Params.model_fields[name].annotation
+        return block(**(self.raw.get(name) or {})).model_dump()
 
     def dataset_params(self, dataset: str) -> dict:
         params = (self.raw.get("datasets") or {}).get(dataset)
         if params is None:
-            raise ConfigError(f"params.yaml has no datasets.{dataset} block; add one (see README, 'Datasets')")
+            raise ConfigError(f"params.yaml has no datasets.{dataset} block; add one (see README, 'Adding a dataset')")
         return dict(params)
 
     def method_block(self, method: str) -> dict:
         block = (self.raw.get("methods") or {}).get(method)
         if block is None:
-            raise ConfigError(f"params.yaml has no methods.{method} block; add one with `model` and `recipes`")
+            raise ConfigError(f"params.yaml has no methods.{method} block; add one with its `recipes` "
+                              "(see README, 'Adding a method')")
         return block
 
+    def _profile_recipe(self, method: str, dataset: str) -> tuple[dict | None, str]:
+        """The raw recipe of (method, dataset) under the current profile, `use:` expanded, dataset over profile."""
+        where = f"methods.{method}.recipes.{self.profile}"
+        block = (self.method_block(method).get("recipes") or {}).get(self.profile)
+        if block is None:
+            return None, where
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where} must be a mapping of recipe fields")
+        per_dataset = block.get("datasets")
+        if per_dataset is not None and not isinstance(per_dataset, dict):
+            raise ConfigError(f"{where}.datasets must map dataset names to recipe fields")
+        common = {k: v for k, v in block.items() if k != "datasets"}
+        # without `datasets:` the profile's recipe serves every dataset; with it, the listed ones (sharing `common`)
+        specific = None if per_dataset is None else per_dataset.get(dataset)
+        if per_dataset is not None and specific is None:
+            return None, f"{where}.datasets.{dataset}"
+        if specific is not None and not isinstance(specific, dict):
+            raise ConfigError(f"{where}.datasets.{dataset} must be a mapping of recipe fields")
+        schedules = self.raw.get("schedules") or {}
+        recipe = deep_merge(self._expand(common, schedules, where),
+                            self._expand(specific or {}, schedules, f"{where}.datasets.{dataset}"))
+        return recipe, where + (f" (+ datasets.{dataset})" if specific is not None else "")
+
+    @staticmethod
+    def _expand(block: dict, schedules: dict, where: str) -> dict:
+        """`use:` at the recipe level and inside each phase."""
+        out = expand_uses(block, schedules, where)
+        return {k: expand_uses(v, schedules, f"{where}.{k}") if isinstance(v, dict) and k not in RECIPE_FIELDS
+                and k != "model" else v for k, v in out.items()}
+
     def method_model(self, method: str, dataset: str | None = None) -> dict:
-        """Constructor kwargs: `methods.<m>.model`, updated by the `model` block of the
-        (profile, dataset) recipe when there is one (e.g. a smaller trunk or window for smoke runs)."""
+        """Constructor keywords set in params (levels 2-5 of the override order; code defaults not included)."""
         model = copy.deepcopy(self.method_block(method).get("model") or {})
         if dataset is not None:
-            raw = self._raw_recipe(method, dataset, required=False) or {}
-            model.update(copy.deepcopy(raw.get("model") or {}))
-        return model
+            recipe, _ = self._profile_recipe(method, dataset)
+            model = deep_merge(model, (recipe or {}).get("model") or {})
+        return deep_merge(model, self.model_sets.get(method, {}))
 
-    def _raw_recipe(self, method: str, dataset: str, required: bool = True) -> dict | None:
-        where = f"methods.{method}.recipes.{self.profile}.{dataset}"
-        recipes = (self.method_block(method).get("recipes") or {}).get(self.profile) or {}
-        raw = recipes.get(dataset)
-        if raw is None and required:
-            raise ConfigError(f"no recipe at {where}; add one to params.yaml or drop '{dataset}' "
-                              f"from benchmark.datasets for profile '{self.profile}'")
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"{where} must be a mapping of recipe fields")
-        return raw
+    def model_overrides(self, method: str) -> dict:
+        """The `--set` keywords of one method (applied on top of a trained checkpoint's configuration, too)."""
+        return copy.deepcopy(self.model_sets.get(method, {}))
+
+    def recipe_dict(self, method: str, dataset: str) -> dict:
+        recipe, where = self._profile_recipe(method, dataset)
+        if recipe is None:
+            raise ConfigError(f"no recipe at {where} for profile '{self.profile}'; add one to params.yaml or "
+                              f"drop '{dataset}' from benchmark.datasets")
+        return recipe
 
     def recipe(self, method: str, dataset: str, phase_key: str | None = None) -> Recipe:
-        where = f"methods.{method}.recipes.{self.profile}.{dataset}"
-        raw = {k: v for k, v in self._raw_recipe(method, dataset).items() if k != "model"}
+        """The typed recipe; a phase's is the recipe's common fields under the phase's own."""
+        raw = self.recipe_dict(method, dataset)
+        where = f"methods.{method}.recipes.{self.profile}"
+        common = {k: v for k, v in raw.items() if k in RECIPE_FIELDS}
+        phases = {k: v for k, v in raw.items() if k not in RECIPE_FIELDS and k != "model"}
         if phase_key is not None:
-            if phase_key not in raw:
-                raise ConfigError(f"{where} has no '{phase_key}' phase recipe")
-            return Recipe.from_dict(raw[phase_key], f"{where}.{phase_key}")
-        return Recipe.from_dict(raw, where)
+            if phase_key not in phases:
+                raise ConfigError(f"{where} has no '{phase_key}' phase recipe for {dataset}")
+            return Recipe.from_dict(deep_merge(common, phases[phase_key]), f"{where}.{phase_key}")
+        return Recipe.from_dict({k: v for k, v in raw.items() if k != "model"}, where)
+
+    def phase_keys(self, method: str, dataset: str) -> list[str]:
+        return [k for k in self.recipe_dict(method, dataset) if k not in RECIPE_FIELDS and k != "model"]
 
     def params_hash(self, method: str, dataset: str) -> str:
-        """Hash of what defines a (method, dataset) run; joins MLflow rows back to dvc.lock."""
-        blob = {"profile": self.profile, "seed": self.seed, "method": self.method_block(method),
+        """Hash of what defines a (method, dataset) run; joins MLflow rows back to dvc.lock and checkpoints."""
+        recipe, _ = self._profile_recipe(method, dataset)
+        blob = {"profile": self.profile, "seed": self.seed, "model": self.method_model(method, dataset),
+                "recipe": {k: v for k, v in (recipe or {}).items() if k != "model"},
                 "dataset": self.dataset_params(dataset)}
         return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def with_changes(self, raw_sets: list[str] = (), model_sets: dict[str, dict] | None = None) -> Config:
+        """A copy with more `--set path=value` edits and model keywords (validated)."""
+        raw = apply_overrides(self.raw, list(raw_sets))
+        sets = copy.deepcopy(self.model_sets)
+        for method, values in (model_sets or {}).items():
+            sets[method] = {**sets.get(method, {}), **values}
+        out = Config(raw=raw, path=self.path, model_sets=sets)
+        validate(out)
+        return out
+
+    def resolved(self, method: str, dataset: str) -> dict:
+        """What each stage will use for (method, dataset), every default filled in (`bench.py config`)."""
+        from methods import resolve_method_name
+
+        method = resolve_method_name(method)
+        model = full_model_config(method, self.method_model(method, dataset))
+        trained, source = {**model, **self.model_overrides(method)}, "the model training will produce, then --set"
+        final = self.checkpoint_root / dataset / method / "final.pt"
+        if final.is_file():  # evaluation and measurement rebuild what was trained
+            import torch
+
+            stored = torch.load(final, map_location="cpu", weights_only=False)["model_config"]
+            trained = {**full_model_config(method, stored), **self.model_overrides(method)}
+            source = f"{final}, then --set"
+        phase_keys = self.phase_keys(method, dataset)
+        if phase_keys:
+            recipe = {key: _plain(self.recipe(method, dataset, key)) for key in phase_keys}
+        else:
+            recipe = _plain(self.recipe(method, dataset))
+        return {
+            "method": method, "dataset": dataset, "profile": self.profile, "seed": self.seed,
+            "override_order": " < ".join(OVERRIDE_ORDER),
+            "paths": {"data": str(self.data_root / dataset), "checkpoint": str(self.checkpoint_root / dataset / method),
+                      "results": str(self.results_root)},
+            "dataset_params": self.dataset_params(dataset),
+            "train": {"model": model, "recipe": recipe, "settings": self.section("train"),
+                      "params_hash": self.params_hash(method, dataset)},
+            "evaluate": {"model": trained, "settings": self.section("evaluate"), "model_from": source},
+            "measure": {"model": trained, "settings": self.section("measure"), "model_from": source},
+        }
+
+
+def _plain(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --set
 
 
 def _parse_value(text: str) -> Any:
@@ -188,16 +486,35 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict, overrides: list[str], method_names: set[str]) -> dict:
-    """`key.path=value` overrides. `<method>.<key>=v` is short for `methods.<method>.model.<key>=v`."""
+def split_overrides(overrides: list[str], method_names: set[str]) -> tuple[list[str], dict[str, dict]]:
+    """(`path=value` edits of params.yaml, {method: {keyword: value}} model overrides). `<m>.<key>=v` and
+    `methods.<m>.model.<key>=v` are the same model override; a top-level key that does not exist is an error."""
+    raw_sets: list[str] = []
+    model_sets: dict[str, dict] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set '{item}' must look like key.path=value")
+        if parts[0] in method_names and parts[0] not in TOP_LEVEL and len(parts) == 2:
+            model_sets.setdefault(parts[0], {})[parts[1]] = _parse_value(value)
+        elif parts[:1] == ["methods"] and len(parts) == 4 and parts[2] == "model":
+            model_sets.setdefault(parts[1], {})[parts[3]] = _parse_value(value)
+        elif parts[0] not in TOP_LEVEL:
+            hint = " (a method keyword is <method>.<key>)" if len(parts) == 2 else ""
+            raise ConfigError(f"--set '{item}': unknown top-level key '{parts[0]}'{hint}; "
+                              f"known: {', '.join(TOP_LEVEL)}, or a method name")
+        else:
+            raw_sets.append(item)
+    return raw_sets, model_sets
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key.path=value` edits of the raw params (intermediate mappings are created)."""
     raw = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set '{item}' must look like key.path=value")
-        key, value = item.split("=", 1)
+        key, _, value = item.partition("=")
         parts = key.strip().split(".")
-        if parts[0] in method_names and parts[0] not in raw:
-            parts = ["methods", parts[0], "model", *parts[1:]]
         node = raw
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
@@ -205,18 +522,6 @@ def apply_overrides(raw: dict, overrides: list[str], method_names: set[str]) -> 
             node = node[part]
         node[parts[-1]] = _parse_value(value)
     return raw
-
-
-def model_overrides(overrides: list[str], method: str) -> dict:
-    """The `--set` overrides aimed at one method's model, as constructor kwargs (runtime knobs such
-    as RUE's K applied on top of the configuration a checkpoint was trained with)."""
-    out = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        for prefix in (f"{method}.", f"methods.{method}.model."):
-            if key.startswith(prefix) and "." not in key[len(prefix):]:
-                out[key[len(prefix):]] = _parse_value(value)
-    return out
 
 
 def variant_label(overrides: dict | None) -> str:
@@ -228,8 +533,12 @@ def variant_label(overrides: dict | None) -> str:
                     for key, value in sorted(overrides.items()))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# loading and validation
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Parse and validate params.yaml; any problem is a one-line ConfigError."""
+    """Parse params.yaml, apply the --set overrides and validate everything; any problem is a one-line ConfigError."""
     path = Path(path) if path else DEFAULT_PARAMS
     if not path.is_file():
         raise ConfigError(f"parameter file {path} not found; run from the repository root or pass --params")
@@ -244,14 +553,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path} must hold a mapping at top level (profile, benchmark, datasets, methods)")
     from methods import list_methods  # the registry decides which names are real
 
-    if overrides:
-        raw = apply_overrides(raw, overrides, set(list_methods()))
-    config = Config(raw=raw, path=path.resolve())
+    raw_sets, model_sets = split_overrides(list(overrides or []), set(list_methods()))
+    config = Config(raw=apply_overrides(raw, raw_sets), path=path.resolve(), model_sets=model_sets)
     validate(config)
     return config
 
 
 def validate(config: Config) -> None:
+    """The whole configuration, before any work: the shape and types of every block (pydantic), registered
+    dataset and method names, every method's model keywords against its constructor, every recipe present."""
     from datasets import list_datasets
     from methods import list_methods, resolve_method_name
 
@@ -259,24 +569,60 @@ def validate(config: Config) -> None:
     for key in ("profile", "benchmark", "datasets", "methods"):
         if key not in raw:
             raise ConfigError(f"{config.path} is missing the top-level key '{key}'; "
-                              "see the README's params.yaml section")
-    if raw["profile"] not in PROFILES:
-        raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, got '{raw['profile']}'")
-    bench = raw["benchmark"]
-    if not isinstance(bench, dict) or not isinstance(bench.get("datasets"), list) or not isinstance(
-            bench.get("methods"), list):
-        raise ConfigError("benchmark must have list entries `datasets: [...]` and `methods: [...]`")
+                              "see the README's 'Configuration' section")
+    try:
+        Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_line(exc, "") + f" (in {config.path.name} or a --set)") from None
     known_datasets = list_datasets()
-    for name in bench["datasets"]:
+    for name in raw["benchmark"]["datasets"]:
         if name not in known_datasets:
             raise ConfigError(f"benchmark.datasets: unknown dataset '{name}'; registered: {', '.join(known_datasets)}")
         config.dataset_params(name)
-    list_methods()
-    for name in bench["methods"]:
+    for name in raw["benchmark"]["methods"]:
         try:
             resolve_method_name(name)
         except ValueError as exc:
             raise ConfigError(f"benchmark.methods: {exc}") from None
-        block = config.method_block(name)
-        if not isinstance(block, dict) or not isinstance(block.get("model", {}), dict):
-            raise ConfigError(f"methods.{name} must be a mapping with a `model` mapping and `recipes`")
+        config.method_block(name)
+    registered = set(list_methods())
+    for name in config.model_sets:
+        if name not in registered:
+            raise ConfigError(f"--set {name}.*: unknown method '{name}'")
+    datasets = sorted(set(raw["datasets"]) | set(known_datasets))
+    for name, block in raw["methods"].items():
+        if name not in registered:
+            raise ConfigError(f"methods.{name}: no registered method of that name; registered: "
+                              f"{', '.join(sorted(registered))}")
+        check_model(name, block.get("model") or {}, f"methods.{name}.model")
+        check_model(name, config.model_sets.get(name, {}), f"--set {name}")
+        for profile in block.get("recipes") or {}:
+            for dataset in datasets:
+                probe = config if profile == config.profile else Config(
+                    raw={**raw, "profile": profile}, path=config.path, model_sets=config.model_sets)
+                recipe, where = probe._profile_recipe(name, dataset)
+                if recipe is None:
+                    continue
+                check_model(name, recipe.get("model") or {}, f"{where}.model")
+                keys = probe.phase_keys(name, dataset)
+                for key in keys or [None]:
+                    probe.recipe(name, dataset, key)
+
+
+def dump_resolved(config: Config, dataset: str, method: str) -> str:
+    """`bench.py config`: the resolved configuration as YAML, with the override order it came from."""
+    from datasets import get_dataset
+
+    get_dataset(dataset)
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    resolved = plain(config.resolved(method, dataset))
+    header = (f"# uhrbench configuration of {resolved['method']} on {dataset}, profile {config.profile}, from "
+              f"{config.path}\n# override order (lowest first): {resolved.pop('override_order')}\n")
+    return header + yaml.safe_dump(resolved, sort_keys=False, width=120, default_flow_style=None)

@@ -17,29 +17,14 @@ from tqdm import tqdm
 
 from datasets import PreparedDataset, get_dataset
 from datasets.base import colorize
-from methods import build_method, count_parameters, resolve_method_name
+from methods import count_parameters, resolve_method_name
 from pipelines import distributed, tracking
-from pipelines.config import Config, ConfigError, variant_label
+from pipelines.checkpoints import load_trained
+from pipelines.config import Config, variant_label
 from pipelines.metrics import ConfusionMatrix, segmentation_scores
-from pipelines.train import checkpoint_dir
+from pipelines.paths import metrics_file
 
 PANEL_MAX_SIDE = 768  # prediction panels are downscaled to keep artifacts small
-
-
-def load_trained(config: Config, dataset: str, method: str, overrides: dict | None = None,
-                 device: torch.device | str = "cpu"):
-    """Rebuild the trained model from its final checkpoint (the config it was trained with, plus
-    runtime overrides such as RUE's K)."""
-    path = checkpoint_dir(config, dataset, method) / "final.pt"
-    if not path.is_file():
-        raise ConfigError(f"no trained model at {path}; run `python bench.py train --dataset {dataset} "
-                          f"--method {method}` (or `dvc repro`) first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    model_cfg = {**checkpoint["model_config"], **(overrides or {})}
-    model = build_method(checkpoint["method"], checkpoint["num_classes"], ignore_index=checkpoint["ignore_index"],
-                         **model_cfg)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint, model_cfg
 
 
 def panel(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, palette) -> Image.Image:
@@ -76,9 +61,11 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
     model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, dev)
     data = PreparedDataset(config.data_root / dataset, split)
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index, dev)
-    # other predictions the paper also reports (UHRSNet's "local"), scored the same way; whole images only
-    secondary = {name: ConfusionMatrix(info.num_classes, info.ignore_index, dev) for name in model.secondary_outputs}
-    uncertainty = UncertaintyStats(info.fine_classes) if hasattr(model, "uncertainty_map") else None
+    # the method's secondary outputs (whole images only): logits scored the same way (UHRSNet's "local"),
+    # uncertainty maps summarised on fine-structure vs region pixels (RUE's U1)
+    secondary = {o.name: ConfusionMatrix(info.num_classes, info.ignore_index, dev) for o in model.outputs
+                 if o.kind == "logits"}
+    maps = {o.name: MapStats(o.name, info.fine_classes) for o in model.outputs if o.kind == "uncertainty"}
     panels: list[tuple[str, Image.Image]] = []
     sizes: set[tuple[int, int]] = set()
     start = time.perf_counter()
@@ -94,13 +81,14 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
             matrix.update(prediction, label.to(dev))
             for name, other in secondary.items():
                 other.update(model.predict_output(batch, name).argmax(1)[0], label.to(dev))
-            u1 = model.uncertainty_map(batch)[0, 0].cpu() if uncertainty is not None else None
-            if u1 is not None:
-                uncertainty.update(u1, label)
-            if len(panels) < num_panels:
+            drawn = len(panels) < num_panels
+            if drawn:
                 panels.append((image_id, panel(image, label, prediction.cpu(), info.palette)))
-                if u1 is not None:
-                    panels.append((f"{image_id}_uncertainty", uncertainty_panel(u1)))
+            for name, stats in maps.items():
+                values = model.predict_output(batch, name)[0, 0].cpu()
+                stats.update(values, label)
+                if drawn:
+                    panels.append((f"{image_id}_{name}", uncertainty_panel(values)))
     for m in (matrix, *secondary.values()):
         m.all_reduce()
     seconds = time.perf_counter() - start
@@ -121,8 +109,8 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
         "versions": {k: env[k] for k in ("torch", "timm", "cuda_compiled", "cudnn", "python")},
         "git_commit": env["git_commit"],
     }
-    if uncertainty is not None:
-        result.update(uncertainty.summary())
+    for stats in maps.values():
+        result.update(stats.summary())
     if secondary:
         result["outputs"] = {name: segmentation_scores(m.matrix, info.class_names, info.counted_classes)
                              for name, m in secondary.items()}
@@ -131,36 +119,36 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
     with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
                               tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", ""),
                                     "variant": result["variant"]}) as run:
-        import mlflow
-
-        mlflow.set_tags({f"env.{k}": v for k, v in env.items()})
-        mlflow.log_params({"split": split, "precision": "fp32", "input_size": ",".join(result["input_size"]),
-                           "tile": result["tile"], **{f"model.{k}": v for k, v in model_cfg.items()}})
+        run.tags({f"env.{k}": v for k, v in env.items()})
+        run.params({"split": split, "precision": "fp32", "input_size": ",".join(result["input_size"]),
+                    "tile": result["tile"], **{f"model.{k}": v for k, v in model_cfg.items()}})
         metrics = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
                    "params_m": result["params_m"], "headline": result["headline_value"]}
         metrics.update({f"iou.{name}": v for name, v in scores["iou"].items() if v is not None})
-        metrics.update({k: v for k, v in result.items() if k.startswith("uncertainty_") and v is not None})
+        for stats in maps.values():
+            metrics.update({k: v for k, v in stats.summary().items() if v is not None})
         metrics.update({f"output.{name}.miou": s["miou"] for name, s in result.get("outputs", {}).items()})
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict({"classes": list(info.class_names), "rows": "ground truth", "columns": "prediction",
-                         "matrix": matrix.matrix.cpu().tolist()}, "confusion_matrix.json")
+        run.metrics(metrics)
+        run.json({"classes": list(info.class_names), "rows": "ground truth", "columns": "prediction",
+                  "matrix": matrix.matrix.cpu().tolist()}, "confusion_matrix.json")
         with tempfile.TemporaryDirectory() as tmp:
             for image_id, strip in panels:
                 strip.save(Path(tmp) / f"{image_id}.png")
             if panels:
-                mlflow.log_artifacts(tmp, "predictions")
-        result["mlflow_run_id"] = run.info.run_id
-        out = config.results_root / "metrics" / dataset / f"{method}{'__' + variant if variant else ''}.json"
+                run.artifacts(tmp, "predictions")
+        result["mlflow_run_id"] = run.id
+        out = metrics_file(config, dataset, method, variant)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        mlflow.log_artifact(str(out))
+        run.artifact(out)
     return result
 
 
-class UncertaintyStats:
-    """Mean of a method's pixel uncertainty (RUE's U1) on fine-structure vs large-region pixels."""
+class MapStats:
+    """Mean of a per-pixel map in [0, 1] (RUE's uncertainty U1) on fine-structure vs large-region pixels."""
 
-    def __init__(self, fine_classes: tuple[int, ...]) -> None:
+    def __init__(self, name: str, fine_classes: tuple[int, ...]) -> None:
+        self.name = name
         self.fine_classes = list(fine_classes)
         self.sums = {"fine": 0.0, "region": 0.0}
         self.counts = {"fine": 0, "region": 0}
@@ -173,7 +161,7 @@ class UncertaintyStats:
             self.counts[key] += int(mask.sum())
 
     def summary(self) -> dict:
-        return {f"uncertainty_{k}_mean": (self.sums[k] / self.counts[k] if self.counts[k] else None)
+        return {f"{self.name}_{k}_mean": (self.sums[k] / self.counts[k] if self.counts[k] else None)
                 for k in self.sums}
 
 

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 
 from datasets import PreparedDataset, get_dataset
 from datasets.base import DatasetError, read_meta
-from methods import build_method, count_parameters, resolve_method_name
+from methods import build_method, count_parameters, method_class, resolve_method_name
 from pipelines import tracking
-from pipelines.config import Config, ConfigError, variant_label
+from pipelines.checkpoints import load_trained
+from pipelines.config import Config, ConfigError, full_model_config, variant_label
+from pipelines.paths import final_checkpoint, measure_file, size_sweep_stem
 
 UNAVAILABLE = "unavailable"
 MIB = 2 ** 20
@@ -386,29 +388,26 @@ def make_inputs(config: Config, dataset: str, settings: MeasureSettings, device:
 def load_model(config: Config, dataset: str, method: str, device: torch.device, untrained: bool,
                overrides: dict | None) -> tuple[torch.nn.Module, dict, str, str]:
     """(model, model config, weights note, params hash): the trained checkpoint when there is one."""
-    from pipelines.evaluate import load_trained
-    from pipelines.train import checkpoint_dir
-
-    path = checkpoint_dir(config, dataset, method) / "final.pt"
+    path = final_checkpoint(config, dataset, method)
     if not untrained and path.is_file():
         model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, device)
         return model, model_cfg, f"trained checkpoint {path}", checkpoint.get("params_hash", "")
     note = "untrained (--untrained)" if untrained else f"untrained: no checkpoint at {path}"
     info = get_dataset(dataset).info
-    model_cfg = {**config.method_model(method, dataset), **(overrides or {})}
+    model_cfg = full_model_config(method, {**config.method_model(method, dataset), **(overrides or {})})
     model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg)
     return model.to(device).eval(), model_cfg, note, config.params_hash(method, dataset)
 
 
-def environment(device: torch.device, settings: MeasureSettings, model_cfg: dict) -> dict:
+def environment(device: torch.device, settings: MeasureSettings, method: str, model_cfg: dict) -> dict:
     env = tracking.environment_info(device)
     env.update(cudnn_benchmark=str(torch.backends.cudnn.benchmark),
                cuda_runtime=(torch.version.cuda or "none") if device.type == "cuda" else UNAVAILABLE,
                precision=settings.precision, memory_format="NHWC" if settings.channels_last else "NCHW",
                interop_threads=str(torch.get_num_interop_threads()))
-    for key in ("k", "K", "topk", "select_num", "select_ratio", "keep_ratio", "patch_num"):  # RUE's K and P
-        if key in model_cfg:
-            env[f"model_{key}"] = str(model_cfg[key])
+    for knob in method_class(method).knobs:  # runtime settings that change the cost (RUE's K)
+        if knob.name in model_cfg:
+            env[f"model_{knob.name}"] = str(model_cfg[knob.name])
     return env
 
 
@@ -504,8 +503,8 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def variant_suffix(settings: MeasureSettings, base: MeasureSettings) -> str:
-    """'' for the params.yaml settings (the DVC metrics file); a label when CLI flags change them."""
+def variant_name(settings: MeasureSettings, base: MeasureSettings, overrides: dict | None) -> str:
+    """'' for the params.yaml settings (the DVC metrics file); a label when CLI flags or runtime knobs change them."""
     parts = []
     if settings.scale != base.scale:
         parts.append(f"s{settings.scale:g}")
@@ -515,7 +514,9 @@ def variant_suffix(settings: MeasureSettings, base: MeasureSettings) -> str:
         parts.append("nhwc" if settings.channels_last else "nchw")
     if settings.source != base.source:
         parts.append(settings.source)
-    return "__" + "_".join(parts) if parts else ""
+    if overrides:  # e.g. RUE's K: a labelled variant, never the DVC-tracked default file
+        parts.append(variant_label(overrides))
+    return "_".join(parts)
 
 
 def measure(config: Config, dataset: str, method: str, device: str | None = None, scale: float | None = None,
@@ -537,7 +538,7 @@ def measure(config: Config, dataset: str, method: str, device: str | None = None
         model = model.to(memory_format=torch.channels_last)
     inputs, source_label = make_inputs(config, dataset, settings, dev)
     size = tuple(inputs[0].shape[-2:])
-    env = environment(dev, settings, model_cfg)
+    env = environment(dev, settings, method, model_cfg)
     result = {"dataset": dataset, "method": method, "device": dev.type, "device_name": env["device_name"],
               "input_size": f"{size[0]}x{size[1]}", "megapixels": size[0] * size[1] / 1e6, "batch_size": 1,
               "scale": settings.scale, "native_size": "x".join(map(str, native_size(config, dataset))),
@@ -554,41 +555,36 @@ def measure(config: Config, dataset: str, method: str, device: str | None = None
         if not is_oom(exc):
             raise
         result.update(params_total=count_parameters(model), cost_source="OOM", gmacs=UNAVAILABLE)
-    suffix = variant_suffix(settings, base)
-    if overrides:  # e.g. RUE's K: a labelled variant, never the DVC-tracked default file
-        suffix = (suffix or "_") + "_" + variant_label(overrides)
-    out_dir = config.results_root / "measure" / dataset
+    variant = variant_name(settings, base, overrides)
+    sweep_stem = size_sweep_stem(config, dataset, method, variant)
     if sweep:
         def make_input(hw):
             return make_inputs(config, dataset, settings, dev, hw)[0]
 
-        rows = run_sweep(model, make_input, sweep, dev, settings, out_dir / f"{method}{suffix}_sweep")
-        result["sweep"] = rows
+        result["sweep"] = run_sweep(model, make_input, sweep, dev, settings, sweep_stem)
     inputs = None
     with tracking.tracked_run(dataset, method, "measure", config.profile, params_hash,
                               tags={"precision": settings.precision, "input_size": result["input_size"],
-                                    "scale": str(settings.scale), "variant": suffix.lstrip("_") or "default"}) as run:
-        import mlflow
-
-        mlflow.set_tags({f"env.{k}": str(v)[:5000] for k, v in env.items()})
-        mlflow.set_tags({k: str(result[k]) for k in ("weights", "source", "status")})
-        mlflow.set_tags({k: v for k, v in result.items() if v == UNAVAILABLE})  # metrics must be numbers
-        mlflow.log_params({**{f"measure.{k}": v for k, v in asdict(settings).items() if k != "sweep"},
-                           "input_size": result["input_size"], **{f"model.{k}": v for k, v in model_cfg.items()}})
-        mlflow.log_metrics({k: float(v) for k, v in result.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
+                                    "scale": str(settings.scale), "variant": variant or "default"}) as run:
+        run.tags({f"env.{k}": str(v)[:5000] for k, v in env.items()})
+        run.tags({k: str(result[k]) for k in ("weights", "source", "status")})
+        run.tags({k: v for k, v in result.items() if v == UNAVAILABLE})  # metrics must be numbers
+        run.params({**{f"measure.{k}": v for k, v in asdict(settings).items() if k != "sweep"},
+                    "input_size": result["input_size"], **{f"model.{k}": v for k, v in model_cfg.items()}})
+        run.metrics({k: float(v) for k, v in result.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
         for row in result.get("sweep", []):
             for key in ("latency_ms_median", "fps", "rss_peak_growth_mib", "torch_max_reserved_mib",
                         "nvml_process_peak_mib"):
                 if isinstance(row.get(key), float):
-                    mlflow.log_metric(f"sweep.{key}", row[key], step=row["size"])
-        result["mlflow_run_id"] = run.info.run_id
-        out = out_dir / f"{method}{suffix}.json"
+                    run.metrics({f"sweep.{key}": row[key]}, step=row["size"])
+        result["mlflow_run_id"] = run.id
+        out = measure_file(config, dataset, method, variant)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-        mlflow.log_artifact(str(out))
+        run.artifact(out)
         if sweep:
             for ext in (".csv", ".png"):
-                mlflow.log_artifact(str(out_dir / f"{method}{suffix}_sweep{ext}"))
+                run.artifact(sweep_stem.with_suffix(ext))
     result["output"] = str(out)
     return result

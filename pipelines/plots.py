@@ -1,5 +1,6 @@
-"""Report plots in results/plots/: accuracy vs FPS (memory as marker size), RUE's K-sweep curves, and latency /
-memory vs input megapixels. Each plot function returns the data it drew, so tests can count the points."""
+"""Report plots in results/plots/: accuracy vs FPS (memory as marker size), accuracy vs FPS as a method's runtime
+knob varies (RUE's K), and latency / memory vs input megapixels. Each plot function returns the data it drew, so
+tests can count the points."""
 from __future__ import annotations
 
 import math
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from methods import display_name
+from methods import display_name, list_methods, method_class
+from pipelines import published
 from pipelines.config import Config
-
-PUBLISHED_DATASETS = ("deepglobe", "inria", "cityscapes", "urur")
+from pipelines.paths import size_sweep_stem
 
 
 def _plt():
@@ -30,34 +31,32 @@ def _number(value) -> float | None:
 def published_points(dataset: str) -> list[dict]:
     """Every published (mIoU, FPS, memory) point of a dataset, one per method name (ISDNet's table and RUE's
     figure merged; the row with an FPS wins). Rows without a numeric FPS (e.g. "< 1") cannot be drawn."""
-    from pipelines.anchors import ISDNET_TABLES, RUE_FIGURE
-
     points: dict[str, dict] = {}
-    for anchor in (*ISDNET_TABLES.get(dataset, ()), *RUE_FIGURE.get(dataset, ())):
-        if anchor.fps is None or anchor.miou is None:
+    for spec in published.tables().values():
+        if spec["dataset"] != dataset:
             continue
-        points[anchor.method] = {"label": anchor.method, "miou": anchor.miou, "fps": anchor.fps,
-                                 "memory": anchor.memory_mb, "source": "published"}
+        for row in spec["rows"]:
+            if row.get("fps") is None or row.get("miou") is None:
+                continue
+            points[row["method"]] = {"label": row["method"], "miou": row["miou"], "fps": row["fps"],
+                                     "memory": row.get("memory_mb"), "source": "published"}
     return list(points.values())
 
 
 def our_points(ours: dict) -> list[dict]:
     """Our measured points (headline and FPS both measured) from report.our_results()."""
     out = []
-    for (method, k), row in sorted(ours["rows"].items(), key=lambda i: (i[0][0], -(i[0][1] or 0))):
+    for (method, settings), row in sorted(ours["rows"].items(), key=published._order):
         miou, fps = _number(row["headline"]), _number(row["fps"])
         if miou is None or fps is None:
             continue
-        name = display_name(method)
-        out.append({"label": name if k is None else f"{name} K={k:g}", "miou": miou, "fps": fps,
-                    "memory": _number(row["memory"]), "source": "ours"})
+        out.append({"label": published.settings_label(method, settings, display_name(method)), "miou": miou,
+                    "fps": fps, "memory": _number(row["memory"]), "source": "ours"})
     return out
 
 
 def _metric_label(dataset: str) -> str:
-    from pipelines.report import _headline_label
-
-    return f"{_headline_label(dataset)} (%)"
+    return f"{published.headline_label(dataset)} (%)"
 
 
 def _size(memory: float | None) -> float:
@@ -107,26 +106,29 @@ def accuracy_vs_fps(panels: dict[str, list[dict]], path: Path) -> dict[str, list
     return panels
 
 
-def k_sweep(curves: dict[str, dict[str, list[tuple[float, float, float]]]], path: Path) -> dict:
-    """Per dataset, mIoU vs FPS as K varies; curves[dataset][source] = [(K, FPS, mIoU), ...]."""
+def knob_sweeps(curves: dict[str, dict], path: Path) -> dict:
+    """One panel per (dataset, method, knob): accuracy vs FPS as the knob varies. curves[title] = {"dataset": d,
+    "knob": title of the knob, "published": [(value, FPS, mIoU), ...], "ours": [...]}."""
     plt = _plt()
-    names = list(curves)
+    names = list(curves) or ["no runtime knob measured"]
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
-    for ax, dataset in zip(axes.flat, names, strict=False):
+    for ax, title in zip(axes.flat, names, strict=False):
+        curve = curves.get(title, {})
         for source, (marker, colour) in {"published": ("o", "tab:blue"), "ours": ("D", "tab:red")}.items():
-            pts = sorted(curves[dataset].get(source, []), key=lambda t: t[1])
+            pts = sorted(curve.get(source, []), key=lambda t: t[1])
             if not pts:
                 continue
             ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=marker, color=colour,
-                    label=f"RUE {source}" + (" (figure readings)" if source == "published" else ""))
-            for k, fps, miou in pts:
-                ax.annotate(f"K={100 * k:g}%", (fps, miou), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                            color=colour)
+                    label=source + (" (as published)" if source == "published" else ""))
+            for value, fps, miou in pts:
+                ax.annotate(f"{curve['knob']}={value:g}", (fps, miou), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color=colour)
         ax.set_xlabel("FPS (images/s, batch 1)")
-        ax.set_ylabel(_metric_label(dataset))
-        ax.set_title(f"{dataset}: RUE K sweep")
+        ax.set_ylabel(_metric_label(curve["dataset"]) if curve else "")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if curve:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -173,35 +175,45 @@ def scaling(dataset: str, frames: dict[str, pd.DataFrame], path: Path) -> dict[s
 
 
 def all_plots(config: Config) -> list[Path]:
-    """Every report plot into results/plots/ (accuracy vs FPS, K sweep, latency/memory vs megapixels)."""
-    from pipelines.anchors import RUE_FIGURE
-    from pipelines.report import _with_sweep_csv, our_results
-
+    """Every report plot into results/plots/ (accuracy vs FPS, knob sweeps, latency/memory vs megapixels)."""
     out_dir = config.results_root / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
-    datasets = list(dict.fromkeys([*PUBLISHED_DATASETS, *config.benchmark_datasets]))
-    ours = {d: our_results(d) for d in datasets}
+    with_tables = [spec["dataset"] for spec in published.tables().values()]
+    datasets = list(dict.fromkeys([*with_tables, *config.benchmark_datasets]))
+    ours = {d: published.with_sweeps(published.our_results(d), d, config) for d in datasets}
     panels = {d: published_points(d) + our_points(ours[d]) for d in datasets}
     panels = {d: pts for d, pts in panels.items() if pts}
     written = [out_dir / "accuracy_vs_fps.png"]
     accuracy_vs_fps(panels, written[0])
-
-    curves = {}
-    for d in dict.fromkeys([*RUE_FIGURE, *config.benchmark_datasets]):
-        mine = _with_sweep_csv(ours[d] if d in ours else our_results(d),
-                               config.results_root / "sweeps" / d / "rue_k.csv")
-        pub = [(a.k, a.fps, a.miou) for a in RUE_FIGURE.get(d, ()) if a.ours == "rue" and a.k is not None]
-        our = [(k, _number(r["fps"]), _number(r["headline"])) for (m, k), r in mine["rows"].items()
-               if m == "rue" and k is not None and _number(r["fps"]) is not None and _number(r["headline"]) is not None]
-        if pub or our:
-            curves[d] = {"published": pub, "ours": our}
-    written.append(out_dir / "k_sweep.png")
-    k_sweep(curves, written[-1])
-
+    written.append(out_dir / "knob_sweeps.png")
+    knob_sweeps(knob_curves(datasets, ours), written[-1])
     for d in config.benchmark_datasets:
-        folder = config.results_root / "measure" / d
-        frames = {p.name[:-len("_sweep.csv")]: pd.read_csv(p) for p in sorted(folder.glob("*_sweep.csv"))}
+        frames = {}
+        for method in config.benchmark_methods:
+            path = size_sweep_stem(config, d, method).with_suffix(".csv")
+            if path.is_file():
+                frames[method] = pd.read_csv(path)
         if frames:
             written.append(out_dir / f"scaling_{d}.png")
             scaling(d, frames, written[-1])
     return written
+
+
+def knob_curves(datasets: list[str], ours: dict[str, dict]) -> dict[str, dict]:
+    """For every method's runtime knob and dataset: the published points of the rows it declares and ours."""
+    curves = {}
+    for method in list_methods():
+        cls = method_class(method)
+        for knob in cls.knobs:
+            rows = {row: dict(settings).get(knob.name) for row, settings in cls.published.items()}
+            for d in datasets:
+                pub = [(rows[r["method"]], r["fps"], r["miou"]) for spec in published.tables().values()
+                       if spec["dataset"] == d for r in spec["rows"]
+                       if rows.get(r["method"]) is not None and _number(r.get("fps")) is not None]
+                mine = [(dict(s)[knob.name], _number(r["fps"]), _number(r["headline"]))
+                        for (m, s), r in ours[d]["rows"].items() if m == method and knob.name in dict(s)
+                        and _number(r["fps"]) is not None and _number(r["headline"]) is not None]
+                if pub or mine:
+                    curves[f"{d}: {display_name(method)} {knob.title} sweep"] = {
+                        "dataset": d, "knob": knob.title, "published": sorted(set(pub)), "ours": mine}
+    return curves

@@ -1,66 +1,86 @@
-"""K sweep: accuracy against speed as a method's runtime share of refined patches varies (RUE's K).
+"""Knob sweep: accuracy against speed as one of a method's declared runtime knobs varies (RUE's K).
 
-For each K the trained model is evaluated and measured with `k` overridden (a labelled variant, so
-the default results stay untouched); the table (md, csv) and the accuracy-vs-FPS curve (png, as
-in the upstream README's figure) go to `results/sweeps/<dataset>/` and to one MLflow run.
+For each value the trained model is evaluated and measured with the knob overridden (a labelled variant, so
+the default results stay untouched); the table (md, csv) and the accuracy-vs-FPS curve (png) go to
+`results/sweeps/<dataset>/<method>_<knob>.*` and to one MLflow run.
 """
 from __future__ import annotations
 
 import pandas as pd
-from tabulate import tabulate
 
-from methods import resolve_method_name
+from methods import method_class, resolve_method_name
 from pipelines import tracking
 from pipelines.config import Config, ConfigError
 from pipelines.evaluate import evaluate
 from pipelines.measure import measure
+from pipelines.paths import knob_sweep_stem
+from pipelines.tables import format_table
 
 
-def parse_ks(text: str) -> list[float]:
+def choose_knob(method: str, name: str | None):
+    """The method's declared knob `name` (default: its first)."""
+    knobs = method_class(method).knobs
+    if not knobs:
+        raise ConfigError(f"method '{method}' declares no runtime knob to sweep (`knobs` in methods/{method}.py)")
+    if name is None:
+        return knobs[0]
+    for knob in knobs:
+        if knob.name == name:
+            return knob
+    raise ConfigError(f"method '{method}' has no runtime knob '{name}'; its knobs: "
+                      f"{', '.join(k.name for k in knobs)}")
+
+
+def parse_values(text: str | None, knob) -> list[float]:
+    """'1,0.5' -> [1.0, 0.5]; None -> the knob's declared sweep."""
+    if text is None:
+        return list(knob.sweep)
     try:
-        ks = [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"--k '{text}' must be comma-separated numbers in (0, 1], e.g. 1.0,0.75,0.5,0.25") from None
-    if not ks or any(not 0 < k <= 1 for k in ks):
-        raise ConfigError(f"--k '{text}': every K must lie in (0, 1]")
-    return ks
+        raise ConfigError(f"--values '{text}' must be comma-separated numbers, e.g. "
+                          f"{','.join(f'{v:g}' for v in knob.sweep)}") from None
+    if not values:
+        raise ConfigError(f"--values '{text}' names no value")
+    for value in values:
+        try:
+            knob.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"--values '{text}': {exc}") from None
+    return values
 
 
-def sweep(config: Config, dataset: str, method: str, ks: list[float], device: str = "auto") -> pd.DataFrame:
+def sweep(config: Config, dataset: str, method: str, values: list[float] | None = None, device: str = "auto",
+          knob: str | None = None) -> pd.DataFrame:
     method = resolve_method_name(method)
-    if "k" not in config.method_model(method, dataset):
-        raise ConfigError(f"method '{method}' has no runtime K (no `k` in methods.{method}.model); "
-                          "the sweep applies to RUE-like methods")
+    chosen = choose_knob(method, knob)
+    values = list(chosen.sweep) if values is None else values
     rows = []
-    for k in ks:
-        accuracy = evaluate(config, dataset, method, device=device, overrides={"k": k})
-        speed = measure(config, dataset, method, device=None if device == "auto" else device, overrides={"k": k})
-        rows.append({"K": k, "mIoU": 100 * accuracy["miou"], "headline": 100 * accuracy["headline_value"],
+    for value in values:
+        accuracy = evaluate(config, dataset, method, device=device, overrides={chosen.name: value})
+        speed = measure(config, dataset, method, device=None if device == "auto" else device,
+                        overrides={chosen.name: value})
+        rows.append({chosen.title: value, "mIoU": 100 * accuracy["miou"], "headline": 100 * accuracy["headline_value"],
                      "FPS": speed["fps"], "latency p50 (ms)": speed["latency_ms_median"],
                      "latency p90 (ms)": speed["latency_ms_p90"], "GMACs": speed.get("gmacs"),
                      "device": speed["device_name"], "input": speed["input_size"]})
     table = pd.DataFrame(rows)
-    out_dir = config.results_root / "sweeps" / dataset
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{method}_k"
-    table.to_csv(f"{stem}.csv", index=False)
-    with open(f"{stem}.md", "w") as handle:
-        handle.write(tabulate(table.values.tolist(), headers=list(table.columns), tablefmt="github",
-                              floatfmt=".2f") + "\n")
-    plot(table, f"{stem}.png", method, dataset)
-    with tracking.tracked_run(dataset, method, "sweep", config.profile, config.params_hash(method, dataset)):
-        import mlflow
-
+    stem = knob_sweep_stem(config, dataset, method, chosen.name)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(stem.with_suffix(".csv"), index=False)
+    stem.with_suffix(".md").write_text(format_table(table, "md"))
+    plot(table, stem.with_suffix(".png"), method, dataset, chosen.title)
+    with tracking.tracked_run(dataset, method, "sweep", config.profile, config.params_hash(method, dataset),
+                              tags={"knob": chosen.name}) as run:
         for row in rows:
-            step = round(100 * row["K"])
-            mlflow.log_metrics({"miou": row["mIoU"], "fps": row["FPS"], "latency_ms_median": row["latency p50 (ms)"]},
-                               step=step)
-        for ext in ("csv", "md", "png"):
-            mlflow.log_artifact(f"{stem}.{ext}")
+            run.metrics({"miou": row["mIoU"], "fps": row["FPS"], "latency_ms_median": row["latency p50 (ms)"]},
+                        step=round(100 * row[chosen.title]))
+        for ext in (".csv", ".md", ".png"):
+            run.artifact(stem.with_suffix(ext))
     return table
 
 
-def plot(table: pd.DataFrame, path: str, method: str, dataset: str) -> None:
+def plot(table: pd.DataFrame, path, method: str, dataset: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,10 +89,10 @@ def plot(table: pd.DataFrame, path: str, method: str, dataset: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     ax.plot(table["FPS"], table["mIoU"], marker="o")
     for _, row in table.iterrows():
-        ax.annotate(f"K={row['K']:g}", (row["FPS"], row["mIoU"]), textcoords="offset points", xytext=(5, 5))
+        ax.annotate(f"{title}={row[title]:g}", (row["FPS"], row["mIoU"]), textcoords="offset points", xytext=(5, 5))
     ax.set_xlabel(f"FPS (images/s, batch 1, {table['input'].iloc[0]}, {table['device'].iloc[0]})")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title(f"{method} on {dataset}: accuracy vs speed as K varies")
+    ax.set_title(f"{method} on {dataset}: accuracy vs speed as {title} varies")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

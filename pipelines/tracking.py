@@ -61,12 +61,56 @@ def ensure_experiment(dataset: str) -> str:
     raise AssertionError("unreachable")
 
 
+class Run:
+    """The one way stages write to MLflow: an active run's params, metrics, tags and artifacts."""
+
+    def __init__(self, run) -> None:
+        self.id = run.info.run_id
+
+    def params(self, values: dict) -> None:
+        _mlflow().log_params(values)
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        _mlflow().log_metrics(values, step=step)
+
+    def tags(self, values: dict) -> None:
+        _mlflow().set_tags(values)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        _mlflow().log_artifact(str(path), folder)
+
+    def artifacts(self, directory: str | Path, folder: str | None = None) -> None:
+        _mlflow().log_artifacts(str(directory), folder)
+
+    def json(self, data: dict, name: str) -> None:
+        _mlflow().log_dict(data, name)
+
+
+def finished_runs(dataset: str, stage: str):
+    """Every finished run of one stage on a dataset, newest first (a pandas frame; empty without any), with a
+    `variant` column ("default" where the run has no variant tag)."""
+    import pandas as pd
+
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(experiment_name(dataset))
+    if experiment is None:
+        return pd.DataFrame()
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], output_format="pandas")
+    if not runs.empty:
+        variant = runs["tags.variant"] if "tags.variant" in runs else pd.Series(index=runs.index, dtype=object)
+        runs["variant"] = variant.fillna("default")
+    return runs
+
+
 @contextlib.contextmanager
 def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash: str = "",
                 nested: bool = False, run_name: str | None = None, tags: dict | None = None,
                 run_id: str | None = None):
-    """An MLflow run tagged method/dataset/stage/profile/git commit/params hash; `run_id` reopens an
-    existing run (a resumed training)."""
+    """A `Run` tagged method/dataset/stage/profile/git commit/params hash; `run_id` reopens an existing run (a
+    resumed training)."""
     mlflow = _mlflow()
     experiment_id = ensure_experiment(dataset)
     from methods import display_name
@@ -78,11 +122,11 @@ def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash
     all_tags.update(tags or {})
     if run_id is not None:
         with mlflow.start_run(run_id=run_id, nested=nested) as run:
-            yield run
+            yield Run(run)
         return
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{display_name(method)}-{stage}",
                           nested=nested, tags=all_tags) as run:
-        yield run
+        yield Run(run)
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:

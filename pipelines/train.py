@@ -27,7 +27,9 @@ from datasets.base import read_meta
 from datasets.transforms import training_transform
 from methods import UHRMethod, build_method, resolve_method_name
 from pipelines import distributed, tracking
-from pipelines.config import Config, ConfigError, Recipe
+from pipelines.checkpoints import save_checkpoint
+from pipelines.config import Config, ConfigError, Recipe, full_model_config
+from pipelines.paths import checkpoint_dir
 
 
 class TrainingError(RuntimeError):
@@ -47,22 +49,6 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False if enabled else torch.backends.cudnn.benchmark
-
-
-def checkpoint_dir(config: Config, dataset: str, method: str) -> Path:
-    return config.checkpoint_root / dataset / method
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never corrupts the last good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def build_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
@@ -248,7 +234,7 @@ def train(config: Config, dataset: str, method: str, device: str = "auto", worke
 
 def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) -> Path:
     seed_everything(config.seed)
-    model_cfg = config.method_model(method, dataset)
+    model_cfg = full_model_config(method, config.method_model(method, dataset))  # pinned in the checkpoint
     model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg).to(ctx.device)
     phases = model.phases
     recipes = [config.recipe(method, dataset, phase.recipe) for phase in phases]  # all errors before any work
@@ -274,15 +260,13 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
 
     with distributed.primary_only(ctx, run_factory("main")) as run:
         if run is not None:
-            import mlflow
-
-            run_ids["main"] = run.info.run_id
+            run_ids["main"] = run.id
             if resume is None:
-                mlflow.log_params({"seed": config.seed, "device": ctx.device.type, "world_size": ctx.world_size,
-                                   **_flat("model", model_cfg)})
-                mlflow.set_tags({f"env.{k}": v for k, v in tracking.environment_info(ctx.device).items()})
+                run.params({"seed": config.seed, "device": ctx.device.type, "world_size": ctx.world_size,
+                            **_flat("model", model_cfg)})
+                run.tags({f"env.{k}": v for k, v in tracking.environment_info(ctx.device).items()})
             else:
-                mlflow.set_tag("resumed_at", f"{resume['phase']}:{resume['position']['iteration']}")
+                run.tags({"resumed_at": f"{resume['phase']}:{resume['position']['iteration']}"})
         for index, (phase, recipe) in enumerate(zip(phases, recipes, strict=True)):
             if phase.name in history and (resume is None or resume["phase"] != phase.name):
                 continue  # finished before the interruption
@@ -297,16 +281,15 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
             with distributed.primary_only(ctx, factory) as phase_run:
                 log = None
                 if ctx.is_primary:
-                    import mlflow
-
+                    target = phase_run if nested else run
                     if nested:
-                        run_ids[phase.name] = phase_run.info.run_id
+                        run_ids[phase.name] = phase_run.id
                     if not resuming:
-                        mlflow.log_params(_flat(f"recipe.{phase.name}" if nested else "recipe", asdict(recipe)))
+                        target.params(_flat(f"recipe.{phase.name}" if nested else "recipe", asdict(recipe)))
                     prefix = f"train/{phase.name}/" if nested else "train/"
 
-                    def log(metrics, step, prefix=prefix):
-                        mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step)
+                    def log(metrics, step, prefix=prefix, target=target):
+                        target.metrics({prefix + k: v for k, v in metrics.items()}, step=step)
 
                 def on_checkpoint(optimizer, scheduler, scaler, phase=phase, position=position):
                     if ctx.is_primary:
@@ -329,10 +312,8 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
                                     "mlflow_run_id": run_ids["main"]})
             if (out_dir / "last.pt").exists():
                 (out_dir / "last.pt").unlink()  # finished: final.pt supersedes the in-progress checkpoint
-            import mlflow
-
-            mlflow.log_param("checkpoint", str(final))
-            mlflow.log_metric("train/final_loss", _mean_tail(history))
+            run.params({"checkpoint": str(final)})
+            run.metrics({"train/final_loss": _mean_tail(history)})
     return final
 
 

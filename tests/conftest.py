@@ -52,11 +52,11 @@ def tiny_params(tmp_path: Path, data_root: Path, iterations: int = 20) -> Path:
                                     "seed": 0}
     raw["evaluate"]["num_visualizations"] = 1
     for name in ("global", "local"):
-        raw["methods"][name]["model"]["channels"] = 32
-        recipe = raw["methods"][name]["recipes"]["smoke"]["synthetic"]
+        raw["methods"][name].setdefault("model", {})["channels"] = 32
+        recipe = raw["methods"][name]["recipes"]["smoke"]
         recipe.update(iterations=iterations, batch_size=2, log_every=5)
     raw["methods"]["local"]["model"].update(window=64, overlap=16)
-    raw["methods"]["local"]["recipes"]["smoke"]["synthetic"]["crop_size"] = 64
+    raw["methods"]["local"]["recipes"]["smoke"]["crop_size"] = 64
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

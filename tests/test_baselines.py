@@ -3,9 +3,8 @@ import pytest
 import timm
 import torch
 
-from methods import build_method
-from methods.baselines import GlobalBaseline
-from methods.windows import sliding_window_logits, window_grid, window_starts
+from methods import build_method, method_class
+from methods.blocks.windows import sliding_window_logits, window_grid, window_starts
 
 SMALL = dict(channels=16)
 
@@ -110,7 +109,7 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     from methods import MethodError
 
     with pytest.raises(MethodError, match="does not exist"):
-        GlobalBaseline(7, pretrained=str(tmp_path / "absent.pth"))
+        method_class("global")(7, pretrained=str(tmp_path / "absent.pth"))
 
 
 def test_batch_of_one_trains():

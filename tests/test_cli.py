@@ -69,19 +69,20 @@ def test_malformed_params(tmp_path, text, fragment):
 def test_bad_recipe_value(tmp_path, tiny_synthetic):
     params = tiny_params(tmp_path, tiny_synthetic)
     raw = yaml.safe_load(Path(params).read_text())
-    raw["methods"]["global"]["recipes"]["smoke"]["synthetic"]["optimizer"] = "lbfgs"
+    raw["methods"]["global"]["recipes"]["smoke"]["optimizer"] = "lbfgs"
     Path(params).write_text(yaml.safe_dump(raw))
     assert_one_line_error(run("train", "--dataset", "synthetic", "--method", "global", "--params", str(params)),
-                          "methods.global.recipes.smoke.synthetic.optimizer")
+                          "methods.global.recipes.smoke.optimizer")
 
 
 def test_set_override_reaches_the_model_config(tmp_path, tiny_synthetic):
-    from pipelines.config import load_config, model_overrides
+    from pipelines.config import load_config
 
     params = tiny_params(tmp_path, tiny_synthetic)
-    config = load_config(params, ["local.window=96", "profile=smoke"])
+    config = load_config(params, ["local.window=96", "profile=smoke", "methods.local.model.window_batch=2",
+                                  "global.downsample=2"])
     assert config.method_model("local")["window"] == 96
-    assert model_overrides(["local.window_batch=2", "global.x=1"], "local") == {"window_batch": 2}
+    assert config.model_overrides("local") == {"window": 96, "window_batch": 2}
 
 
 def test_real_process_prints_one_line(tmp_path):

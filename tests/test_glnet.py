@@ -8,8 +8,10 @@ from torch import nn
 
 from methods import build_method, list_methods
 from methods.base import MethodError
-from methods.fpn import Pyramid
-from methods.glnet import G2L, GLOBAL, L2G, FeatureCanvas, GLNet, LogitStitcher, PatchGrid, focal_loss, grid_starts
+from methods.blocks.fpn import Pyramid
+from methods.blocks.losses import focal_loss
+from methods.blocks.patches import LogitStitcher, PatchGrid, grid_starts
+from methods.glnet import G2L, GLOBAL, L2G, FeatureCanvas, GLNet
 
 TINY = dict(backbone="resnet18", global_size=64, patch_size=64, min_overlap=16, patch_batch=3, train_patch_batch=2,
             head_width=32)

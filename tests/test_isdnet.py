@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datasets.synthetic import generate_image
 from methods.base import MethodError, build_method
-from methods.isdnet import ISDNet, LaplacianPyramid, RelationAwareFusion, affinity, mmseg_cross_entropy
+from methods.blocks.mmseg import mmseg_cross_entropy
+from methods.isdnet import ISDNet, LaplacianPyramid, RelationAwareFusion, affinity
 
 LOSS_KEYS = {"decode.loss_seg", "refine.loss_seg", "aux_1.loss_seg", "aux_2.loss_seg", "aux_3.recon_losses",
              "aux_4.fa_loss", "aux.loss_seg"}

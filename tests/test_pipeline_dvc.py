@@ -18,24 +18,21 @@ def shrink(params: Path) -> None:
                                     "seed": 0}
     raw["evaluate"]["num_visualizations"] = 1
     for name in raw["benchmark"]["methods"]:
-        recipe = raw["methods"][name]["recipes"]["smoke"]["synthetic"]
-        phases = [v for v in recipe.values() if isinstance(v, dict) and "iterations" in v] or [recipe]
+        recipe = raw["methods"][name]["recipes"]["smoke"]
+        phases = [v for k, v in recipe.items() if isinstance(v, dict) and k != "model"] or [recipe]
         for phase in phases:
             phase.update(iterations=2, batch_size=2, log_every=1)
-            if phase.get("crop_size"):
-                phase["crop_size"] = 64
+        if recipe.get("crop_size"):
+            recipe["crop_size"] = 64
     for name in ("global", "local"):
-        raw["methods"][name]["model"]["channels"] = 16
+        raw["methods"][name].setdefault("model", {})["channels"] = 16
     raw["methods"]["local"]["model"].update(window=48, overlap=16)
     if "glnet" in raw["methods"]:
-        raw["methods"]["glnet"]["recipes"]["smoke"]["synthetic"]["model"].update(global_size=64, patch_size=48,
-                                                                                 min_overlap=8)
+        raw["methods"]["glnet"]["recipes"]["smoke"]["model"].update(global_size=64, patch_size=48, min_overlap=8)
     if "uhrsnet" in raw["methods"]:
-        raw["methods"]["uhrsnet"]["recipes"]["smoke"]["synthetic"]["model"].update(patch_size=32, min_overlap=8,
-                                                                                   lff_margin=2)
+        raw["methods"]["uhrsnet"]["recipes"]["smoke"]["model"].update(patch_size=32, min_overlap=8, lff_margin=2)
     if "rue" in raw["methods"]:
-        raw["methods"]["rue"]["recipes"]["smoke"]["synthetic"].setdefault("model", {}).update(patch_num=2,
-                                                                                                train_patch_num=2)
+        raw["methods"]["rue"]["recipes"]["smoke"].setdefault("model", {}).update(patch_num=2, train_patch_num=2)
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -78,8 +75,17 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
 
     # one method's params changed: only that method's stages (and the report) run again
     raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["methods"]["local"]["recipes"]["smoke"]["synthetic"]["lr"] = 0.002
+    raw["methods"]["local"]["recipes"]["smoke"]["lr"] = 0.002
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     third = dvc(repo, env, "repro")
     ran = sorted(line.split("'")[1] for line in third.splitlines() if line.startswith("Running stage"))
     assert ran == sorted(["report"] + [f"{stage}@synthetic-local" for stage in tracked])
+
+    # one method's module edited: only that method retrains (its evaluation follows where the weights changed)
+    edited = methods[-1]
+    with open(repo / "methods" / f"{edited}.py", "a") as handle:
+        handle.write("\n# edited\n")
+    fourth = dvc(repo, env, "repro")
+    ran = {line.split("'")[1] for line in fourth.splitlines() if line.startswith("Running stage")}
+    assert f"train@synthetic-{edited}" in ran
+    assert ran <= {"report"} | {f"{stage}@synthetic-{edited}" for stage in tracked}

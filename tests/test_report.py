@@ -63,7 +63,8 @@ def _config(tmp_path, datasets=("deepglobe",)):
 
 
 def test_compare_table_shows_k_and_not_measured(store):
-    from pipelines.report import comparison_table, format_table
+    from pipelines.report import comparison_table
+    from pipelines.tables import format_table
 
     table = comparison_table("deepglobe", methods=["glnet", "isdnet", "rue"])
     assert list(table["method"]) == ["glnet", "isdnet", "rue", "rue"]
@@ -90,9 +91,10 @@ def test_compare_table_shows_k_and_not_measured(store):
 
 
 def test_isdnet_table_published_vs_ours(store):
-    from pipelines.report import format_table, isdnet_table
+    from pipelines.published import published_table
+    from pipelines.tables import format_table
 
-    table = isdnet_table("deepglobe").set_index("method")
+    table = published_table("paper_isdnet_deepglobe").set_index("method")
     isd = table.loc["ISDNet"]
     assert (isd["mIoU (published)"], isd["mIoU (ours)"],
             isd["mIoU Δ (ours − published)"]) == ("73.30", "74.00", "+0.70")
@@ -108,41 +110,43 @@ def test_isdnet_table_published_vs_ours(store):
     assert table.loc["DeepLabv3+ (global inference)", "mIoU (ours)"] == "published only"
     assert table.loc["CascadePSP", "FPS (published)"] == "< 1"
     # no inria run at all
-    inria = isdnet_table("inria").set_index("method")
+    inria = published_table("paper_isdnet_inria").set_index("method")
     assert inria.loc["ISDNet", "IoU building (published)"] == "74.23"  # Inria's headline: building IoU
     assert inria.loc["ISDNet", "IoU building (ours)"] == "not measured (no inria run)"
     assert inria.loc["ISDNet", "IoU building Δ (ours − published)"] == ""
     assert inria.loc["FCtL", "FPS (ours)"] == "published only"
-    lines = format_table(isdnet_table("deepglobe"), "csv").splitlines()
+    lines = format_table(published_table("paper_isdnet_deepglobe"), "csv").splitlines()
     assert lines[-1] == ("ISDNet,73.30,74.00,+0.70,27.70,30.00,+2.30,1948,2000,+52,isdnet,"
                          "[paper]; memory most likely max_memory_allocated (ISDNet#24)")
 
 
 def test_rue_table_includes_k_sweep(store, tmp_path):
-    from pipelines.report import rue_table
+    from pipelines.published import our_results, published_table, with_sweeps
 
-    table = rue_table("deepglobe").set_index("method")
+    table = published_table("paper_rue_deepglobe").set_index("method")
     assert table.loc["RUE (K = 100%)", "mIoU (ours)"] == "76.00"
     assert table.loc["RUE (K = 100%)", "FPS Δ (ours − published)"] == "-4.40"
     assert table.loc["RUE (K = 50%)", "mIoU (ours)"] == "not measured (no rue K=0.5 run)"
-    extra = table.loc["RUE (K = 25%)"]
+    extra = table.loc["rue K=0.25"]  # a sweep point the figure does not have
     assert (extra["mIoU (published)"], extra["mIoU (ours)"], extra["FPS (ours)"]) == ("not published", "72.00", "70.00")
     assert extra["provenance"] == "ours only (K sweep)"
     assert table.loc["WSDNet", "mIoU (ours)"] == "published only"
-    assert rue_table("urur").loc[0, "mIoU (ours)"] == "not measured (no urur run)"
-    # a sweep csv adds the K the store does not have
-    sweep = tmp_path / "rue_k.csv"
+    assert published_table("paper_rue_urur").loc[0, "mIoU (ours)"] == "not measured (no urur run)"
+    # a sweep csv (`bench.py sweep`) adds the K the store does not have
+    sweep = tmp_path / "results" / "sweeps" / "deepglobe" / "rue_k.csv"
+    sweep.parent.mkdir(parents=True)
     pd.DataFrame([{"K": 0.5, "mIoU": 73.0, "headline": 73.0, "FPS": 55.0, "device": "Test GPU"}]).to_csv(sweep,
                                                                                                          index=False)
-    with_csv = rue_table("deepglobe", sweep_csv=sweep).set_index("method")
+    ours = with_sweeps(our_results("deepglobe"), "deepglobe", _config(tmp_path))
+    with_csv = published_table("paper_rue_deepglobe", ours).set_index("method")
     assert with_csv.loc["RUE (K = 50%)", "mIoU (ours)"] == "73.00"
     assert with_csv.loc["RUE (K = 50%)", "mIoU Δ (ours − published)"] == "-0.70"
 
 
 def test_uhrsnet_ablation_table(tmp_path):
-    from pipelines.report import uhrsnet_ablation_table
+    from pipelines.published import ablation_table
 
-    missing = uhrsnet_ablation_table("deepglobe", tmp_path / "uhrsnet_deepglobe.csv")
+    missing = ablation_table("uhrsnet", "deepglobe", tmp_path / "uhrsnet_deepglobe.csv")
     assert len(missing) == 5 and set(missing["mIoU (ours)"]) == {"not measured (no uhrsnet_deepglobe.csv)"}
     full = missing.iloc[-1]
     assert full["mIoU (published)"] == '72.0 ("global"), 71.4 ("local")'
@@ -150,11 +154,12 @@ def test_uhrsnet_ablation_table(tmp_path):
     csv = tmp_path / "uhrsnet_deepglobe.csv"
     csv.write_text("row,configuration,miou,iou.urban\nlocal,local,0.605,0.1\n"
                    "global_local_lff,global + local + LFF,0.7025,0.2\n")
-    table = uhrsnet_ablation_table("deepglobe", csv)
+    table = ablation_table("uhrsnet", "deepglobe", csv)
+    assert list(table.iloc[0][["local branch", "LFF", "global branch"]]) == ["x", "", ""]  # the row's marks
     assert list(table["mIoU (ours)"]) == ["60.50", "not measured (row not trained)", "not measured (row not trained)",
                                           "not measured (row not trained)", "70.25"]
-    assert table.iloc[-1]['mIoU Δ (ours − published "global")'] == "-1.75"
-    assert table.iloc[0]['mIoU Δ (ours − published "global")'] == "no published value"
+    assert table.iloc[-1]["mIoU Δ (ours − published)"] == "-1.75"
+    assert table.iloc[0]["mIoU Δ (ours − published)"] == "no published value"
 
 
 def test_tables_command_writes_every_format(store, tmp_path):
@@ -183,7 +188,7 @@ def test_tables_command_writes_every_format(store, tmp_path):
 
 def test_plots_points_and_png(store, tmp_path):
     from pipelines import plots
-    from pipelines.report import our_results
+    from pipelines.published import our_results
 
     ours = our_results("deepglobe")
     mine = plots.our_points(ours)
@@ -214,7 +219,7 @@ def test_report_writes_tables_plots_readme(store, tmp_path):
     assert (root / "tables" / "compare_deepglobe.md").is_file()
     assert "| isdnet " in (root / "tables" / "compare_deepglobe.md").read_text()
     pngs = sorted(p.name for p in (root / "plots").iterdir())
-    assert pngs == ["accuracy_vs_fps.png", "k_sweep.png", "scaling_deepglobe.png"]
+    assert pngs == ["accuracy_vs_fps.png", "knob_sweeps.png", "scaling_deepglobe.png"]
     for name in pngs:
         assert (root / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (root / "README.md").read_text()
@@ -222,7 +227,7 @@ def test_report_writes_tables_plots_readme(store, tmp_path):
     assert "tables/paper_isdnet_deepglobe.md" in readme and "tables/compare_deepglobe.md" in readme
     assert "commit abc1234" in readme and "Test GPU" in readme and "0.8x" in readme
     assert "max_memory_allocated" in readme and "building IoU" in readme
-    assert "plots/k_sweep.png" in readme
+    assert "plots/knob_sweeps.png" in readme
 
 
 def test_scaling_and_k_sweep_data(tmp_path):
@@ -234,7 +239,8 @@ def test_scaling_and_k_sweep_data(tmp_path):
     drawn = plots.scaling("synthetic", {"global": frame}, tmp_path / "s.png")
     assert drawn["global"]["latency"] == [(1.0, 10.0), (4.0, 40.0)]
     assert drawn["global"]["memory"] == [(1.0, 50.0), (4.0, 200.0)]
-    curves = plots.k_sweep({"deepglobe": {"published": [(1.0, 44.4, 75.1), (0.5, 57.0, 73.7)],
-                                          "ours": [(1.0, 40.0, 76.0)]}}, tmp_path / "k.png")
-    assert len(curves["deepglobe"]["published"]) == 2
+    curves = plots.knob_sweeps({"deepglobe: rue K sweep": {
+        "dataset": "deepglobe", "knob": "K", "published": [(1.0, 44.4, 75.1), (0.5, 57.0, 73.7)],
+        "ours": [(1.0, 40.0, 76.0)]}}, tmp_path / "k.png")
+    assert len(curves["deepglobe: rue K sweep"]["published"]) == 2
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"

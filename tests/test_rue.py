@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import ran_modules
 
 from methods.base import MethodError, build_method
-from methods.isdnet import mmseg_cross_entropy
+from methods.blocks.mmseg import mmseg_cross_entropy
 from methods.rue import (
     RUE,
     complementer_weight,

@@ -16,7 +16,9 @@ from conftest import REPO, tiny_params
 from PIL import Image
 
 from pipelines import train as train_module
+from pipelines.checkpoints import save_checkpoint
 from pipelines.config import load_config
+from pipelines.paths import checkpoint_dir
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +73,7 @@ def resume_params(tmp_path: Path, data: Path) -> Path:
     params = tiny_params(tmp_path, data, iterations=24)
     raw = yaml.safe_load(params.read_text())
     raw["train"]["deterministic"] = True
-    raw["methods"]["global"]["recipes"]["smoke"]["synthetic"].update(checkpoint_every=4, log_every=4)
+    raw["methods"]["global"]["recipes"]["smoke"].update(checkpoint_every=4, log_every=4)
     params.write_text(yaml.safe_dump(raw))
     return params
 
@@ -121,15 +123,15 @@ def test_sigkilled_training_resumes_to_identical_weights(tmp_path, tiny_syntheti
 def test_other_configuration_does_not_resume(tmp_path, tiny_synthetic, mlflow_store):
     params = resume_params(tmp_path, tiny_synthetic)
     stale = tmp_path / "checkpoints" / "synthetic" / "global" / "last.pt"
-    train_module.save_checkpoint(stale, {"params_hash": "something-else", "world_size": 1})
-    config = load_config(params, ["methods.global.recipes.smoke.synthetic.iterations=2"])
+    save_checkpoint(stale, {"params_hash": "something-else", "world_size": 1})
+    config = load_config(params, ["methods.global.recipes.smoke.iterations=2"])
     final = torch.load(train_module.train(config, "synthetic", "global"), weights_only=False)
     assert len(final["loss_history"]["main"]) == 2 and not stale.exists()
 
 
 def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    train_module.save_checkpoint(path, {"iteration": 4, "weights": torch.ones(3)})
+    save_checkpoint(path, {"iteration": 4, "weights": torch.ones(3)})
 
     def dies_half_way(obj, target, *args, **kwargs):
         Path(target).write_bytes(b"half a checkpoint")
@@ -137,7 +139,7 @@ def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypat
 
     monkeypatch.setattr(train_module.torch, "save", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
-        train_module.save_checkpoint(path, {"iteration": 8, "weights": torch.zeros(3)})
+        save_checkpoint(path, {"iteration": 8, "weights": torch.zeros(3)})
     monkeypatch.undo()
     kept = torch.load(path, weights_only=False)
     assert kept["iteration"] == 4 and torch.equal(kept["weights"], torch.ones(3))
@@ -162,7 +164,7 @@ def test_tiled_evaluation_of_an_8192_image_stays_within_ram(tmp_path, tiny_synth
 
     params = tiny_params(tmp_path, tmp_path / "data")
     config = load_config(params)
-    model_dir = train_module.checkpoint_dir(config, "synthetic", "global")
+    model_dir = checkpoint_dir(config, "synthetic", "global")
     (tmp_path / "train").mkdir()
     source = tiny_params(tmp_path / "train", tiny_synthetic, iterations=2)
     env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")

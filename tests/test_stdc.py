@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from methods.base import MethodError
-from methods.stdc import STDCNet, load_stdc_pretrained, stdc_state_dict
+from methods.blocks.stdc import STDCNet, load_stdc_pretrained, stdc_state_dict
 
 # block index -> the official alias prefix of the same module (STDCNet813 registers x2/x4/x8/x16/x32 as
 # nn.Sequential(features[a:b]), so block i also appears as `x<stride>.0.<i>.*`)

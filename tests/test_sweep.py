@@ -1,4 +1,4 @@
-"""The K sweep: evaluate + measure a trained RUE at several K; table, plot, MLflow; defaults untouched."""
+"""The knob sweep: evaluate + measure a trained RUE at several K; table, plot, MLflow; defaults untouched."""
 import mlflow
 import pandas as pd
 import pytest
@@ -6,25 +6,28 @@ from conftest import tiny_params
 from PIL import Image
 
 from pipelines.config import ConfigError, load_config
-from pipelines.sweep import parse_ks, sweep
+from pipelines.sweep import choose_knob, parse_values, sweep
 from pipelines.train import train
 
-RUE_TINY = ["methods.rue.recipes.smoke.synthetic.iterations=2", "methods.rue.recipes.smoke.synthetic.crop_size=64",
-            "methods.rue.recipes.smoke.synthetic.model.patch_num=2",
-            "methods.rue.recipes.smoke.synthetic.model.train_patch_num=2",
+RUE_TINY = ["methods.rue.recipes.smoke.iterations=2", "methods.rue.recipes.smoke.crop_size=64",
+            "methods.rue.recipes.smoke.model.patch_num=2", "methods.rue.recipes.smoke.model.train_patch_num=2",
             "measure.warmup.cpu=0", "measure.iterations.cpu=1", "measure.max_images=1"]
 
 
-def test_parse_ks():
-    assert parse_ks("1.0,0.75, 0.5") == [1.0, 0.75, 0.5]
+def test_parse_values():
+    k = choose_knob("rue", None)
+    assert k.name == "k" and parse_values("1.0,0.75, 0.5", k) == [1.0, 0.75, 0.5]
+    assert parse_values(None, k) == [1.0, 0.75, 0.5, 0.25]  # the knob's declared sweep
     for bad in ("", "0,1", "1.5", "a,b"):
         with pytest.raises(ConfigError):
-            parse_ks(bad)
+            parse_values(bad, k)
+    with pytest.raises(ConfigError, match="no runtime knob 'p'"):
+        choose_knob("rue", "p")
 
 
-def test_method_without_k_is_refused(tmp_path, tiny_synthetic):
+def test_method_without_knob_is_refused(tmp_path, tiny_synthetic):
     config = load_config(tiny_params(tmp_path, tiny_synthetic))
-    with pytest.raises(ConfigError, match="no runtime K"):
+    with pytest.raises(ConfigError, match="declares no runtime knob"):
         sweep(config, "synthetic", "global", [1.0])
 
 

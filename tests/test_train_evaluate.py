@@ -26,7 +26,7 @@ def test_poly_schedule_matches_mmseg_formula():
 def test_short_training_run_loss_falls_and_is_tracked(tmp_path, tiny_synthetic, mlflow_store):
     params = tiny_params(tmp_path, tiny_synthetic, iterations=60)
     # whole images: a steadier loss than random 64 px crops
-    config = load_config(params, ["methods.local.recipes.smoke.synthetic.crop_size=128"])
+    config = load_config(params, ["methods.local.recipes.smoke.crop_size=128"])
     path = train(config, "synthetic", "local")
     checkpoint = torch.load(path, weights_only=False)
     losses = checkpoint["loss_history"]["main"]
@@ -124,11 +124,11 @@ def test_accumulated_step_equals_one_big_batch(tmp_path, tiny_synthetic):
 
 def test_multi_phase_training_checkpoints_and_logs_each_phase(tmp_path, tiny_synthetic, mlflow_store):
     """GLNet's three phases run from one train call: one checkpoint and one nested MLflow run per phase."""
-    overrides = [f"methods.glnet.recipes.smoke.synthetic.phase{i}.{key}={value}" for i in (1, 2, 3)
+    overrides = [f"methods.glnet.recipes.smoke.phase{i}.{key}={value}" for i in (1, 2, 3)
                  for key, value in (("iterations", 1), ("batch_size", 2), ("log_every", 1))]
-    overrides += ["methods.glnet.recipes.smoke.synthetic.model.global_size=64",
-                  "methods.glnet.recipes.smoke.synthetic.model.patch_size=64",
-                  "methods.glnet.recipes.smoke.synthetic.model.min_overlap=16"]
+    overrides += ["methods.glnet.recipes.smoke.model.global_size=64",
+                  "methods.glnet.recipes.smoke.model.patch_size=64",
+                  "methods.glnet.recipes.smoke.model.min_overlap=16"]
     config = load_config(tiny_params(tmp_path, tiny_synthetic), overrides)
     final = torch.load(train(config, "synthetic", "glnet"), weights_only=False)
     phases = ["global", "global2local", "local2global"]

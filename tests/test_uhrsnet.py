@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from methods import build_method, method_class
 from methods.base import MethodError
-from methods.glnet import GLNet, LogitStitcher, PatchGrid
-from methods.uhrsnet import ABLATION_ROWS, LocalFeatureFusion, UHRSNet, grid_neighbours
+from methods.blocks.patches import LogitStitcher, PatchGrid, cut_patches
+from methods.uhrsnet import LocalFeatureFusion, UHRSNet, grid_neighbours
+
+ABLATION_ROWS = UHRSNet.ablations
 
 TINY = dict(backbone="resnet18", global_size=64, patch_size=64, min_overlap=16, patch_batch=4, head_width=16,
             fusion_channels=16, lff_channels=8, lff_margin=4, focal_gamma=0.0, fmreg=0.15)
@@ -123,7 +125,7 @@ def test_both_switches_off_is_plain_global_and_local_branches():
     grid = model._grid(images)
     assert len(grid) == 9
     with torch.no_grad():
-        patches = GLNet._cut(images, grid, range(len(grid)))
+        patches = cut_patches(images, grid, range(len(grid)))
         local = model.fpn_local(model.resnet_local(model.normalize(patches))[::-1]).logits
         small = F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
         glob = model.fpn_global(model.resnet_global(model.normalize(small))[::-1])
@@ -162,7 +164,7 @@ def test_full_model_trains_every_part_and_lff_adds_only_its_module():
     ("global_local", {"loss_global", "loss_local", "loss_fused", "loss_fmreg"}),
     ("global_local_lff", {"loss_global", "loss_local", "loss_fused", "loss_fmreg"})])
 def test_ablation_rows_are_five_configurations_of_one_model(key, outputs):
-    kwargs = next(k for r, _, k in ABLATION_ROWS if r == key)
+    kwargs = next(r.model for r in ABLATION_ROWS if r.key == key)
     model = build_method("uhrnet", 5, **{**TINY, **kwargs})
     images, labels = batch(h=96, w=96)
     assert set(model.forward_train(images, labels)) == outputs
@@ -176,7 +178,7 @@ def test_ablation_rows_share_initial_weights():
     """Under the same run seed every row builds the parts it shares with another row from identical
     weights, so the rows differ only by their switches (and the global RNG ends where it would anyway)."""
     models, after = {}, {}
-    for key, _, kwargs in ABLATION_ROWS:
+    for key, kwargs in ((r.key, r.model) for r in ABLATION_ROWS):
         torch.manual_seed(7)
         models[key] = build_method("uhrsnet", 5, **{**TINY, **kwargs})
         after[key] = torch.rand(1)  # what the trainer would draw next
@@ -186,7 +188,7 @@ def test_ablation_rows_share_initial_weights():
             assert torch.equal(tensor, full[name]), (key, name)
         assert torch.equal(after[key], after["local"])
     torch.manual_seed(8)
-    other = build_method("uhrsnet", 5, **{**TINY, **ABLATION_ROWS[0][2]}).state_dict()
+    other = build_method("uhrsnet", 5, **{**TINY, **ABLATION_ROWS[0].model}).state_dict()
     assert not all(torch.equal(tensor, full[name]) for name, tensor in other.items())  # the seed still matters
 
 
@@ -221,17 +223,18 @@ def test_ablation_configs_and_table(tmp_path):
 
     config = load_config(overrides=[f"results_root={tmp_path}", f"checkpoint_root={tmp_path / 'ckpt'}"])
     rows = ablation_rows("uhrnet")
-    assert [k for k, _, _ in rows] == ["local", "local_lff", "global", "global_local", "global_local_lff"]
+    assert [r.key for r in rows] == ["local", "local_lff", "global", "global_local", "global_local_lff"]
     roots = set()
-    for key, _, kwargs in rows:
-        cfg = row_config(config, "uhrsnet", "synthetic", key, kwargs, seed=3)
+    for row in rows:
+        kwargs = row.model
+        cfg = row_config(config, "uhrsnet", "synthetic", row, seed=3)
         assert cfg.seed == 3
         model = cfg.method_model("uhrsnet", "synthetic")
         assert {k: model[k] for k in kwargs} == kwargs and model["backbone"] == "resnet18"  # recipe model kept
         assert cfg.checkpoint_root.is_relative_to(tmp_path / "ckpt")
         roots.add(cfg.checkpoint_root)
     assert len(roots) == 5
-    with pytest.raises(ConfigError, match="uhrsnet only"):
+    with pytest.raises(ConfigError, match="declares no ablation rows"):
         ablation_rows("glnet")
     result = lambda miou: {"miou": miou, "iou": {"urban": 0.25}, "profile": "smoke", "split": "test",  # noqa: E731
                            "mlflow_run_id": "abc"}
@@ -247,7 +250,7 @@ def test_ablation_configs_and_table(tmp_path):
 def test_secondary_output_is_the_local_branch_of_two_branch_rows():
     images, _ = batch(h=96, w=96)
     full = tiny().eval()
-    assert full.secondary_outputs == ("local",)
+    assert [(o.name, o.kind) for o in full.outputs] == [("local", "logits")]
     grid = full._grid(images)
     with torch.no_grad():
         out = full.image_outputs(images, 0, grid, full.run_global(images), 4)
@@ -256,7 +259,7 @@ def test_secondary_output_is_the_local_branch_of_two_branch_rows():
     torch.testing.assert_close(full.predict_output(images, "local"), stitch.result())
     with pytest.raises(MethodError, match="no output 'late'"):
         full.predict_output(images, "late")
-    assert tiny(branches="local").secondary_outputs == tiny(branches="global").secondary_outputs == ()
+    assert tiny(branches="local").outputs == tiny(branches="global").outputs == ()
     with pytest.raises(MethodError, match="global-only"):
         tiny(branches="global").predict_output(images, "local")
 
@@ -308,7 +311,7 @@ def test_staged_rows_train_each_branch_with_the_full_models_recipe_and_samples()
     """A one-branch row keeps only its branch's phase, with the full model's recipe key and sample stream."""
     full = {p.name: p for p in tiny(staged=True).phases}
     names = {}
-    for key, _, kwargs in ABLATION_ROWS:
+    for key, kwargs in ((r.key, r.model) for r in ABLATION_ROWS):
         phases = tiny(staged=True, **kwargs).phases
         names[key] = [p.name for p in phases]
         for phase in phases:
@@ -361,13 +364,14 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
 
     from bench import cli
     from pipelines.config import load_config
-    from pipelines.report import our_results
+    from pipelines.published import our_results
 
     params = tiny_params(tmp_path, tiny_synthetic)
-    recipe = "methods.uhrsnet.recipes.smoke.synthetic"
+    recipe = "methods.uhrsnet.recipes.smoke"
     sets = [f"{recipe}.{stage}.{key}" for stage in ("global", "local") for key in ("iterations=2", "log_every=1")]
     sets += [f"{recipe}.model.patch_size=32", f"{recipe}.model.min_overlap=8", f"{recipe}.model.lff_margin=2"]
-    args = ["ablation", "--dataset", "synthetic", "--params", str(params), *[x for s in sets for x in ("--set", s)]]
+    args = ["ablation", "--dataset", "synthetic", "--method", "uhrsnet", "--params", str(params),
+            *[x for s in sets for x in ("--set", s)]]
     result = CliRunner().invoke(cli, [*args, "--row", "local", "--row", "global_local_lff"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "results" / "ablations"
@@ -397,9 +401,9 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
     scores = pd.read_csv(out / "uhrsnet_synthetic.csv")
     assert list(zip(scores["row"], scores["seed"], strict=True)) == [("local", 0), ("local", 1),
                                                                      ("global_local_lff", 0)]
-    from pipelines.report import uhrsnet_ablation_table
+    from pipelines.published import ablation_table
 
-    table = uhrsnet_ablation_table("synthetic", out / "uhrsnet_synthetic.csv").set_index("configuration")
+    table = ablation_table("uhrsnet", "synthetic", out / "uhrsnet_synthetic.csv").set_index("configuration")
     mean, std = 100 * scores["miou"][:2].mean(), 100 * scores["miou"][:2].std()
     assert (table.loc["local", "mIoU (ours)"], table.loc["local", "std over seeds (ours)"]) == (f"{mean:.2f}",
                                                                                               f"{std:.2f}")

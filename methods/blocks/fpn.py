@@ -7,15 +7,16 @@ these modules key for key (§8). Every list of pyramid maps here runs coarse to 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbones import timm_features
 from methods.base import MethodError
+from methods.blocks.backbones import timm_features
 
 
 def fpn_trunk(backbone: str, pretrained: bool | str, method: str) -> nn.Module:
@@ -192,3 +193,18 @@ class LocalFPN(_PyramidHead):
         ps2 = [conv(cat(p, g)) for conv, p, g in zip(self._smooth(2, ""), ps1, crops.ps1, strict=True)]
         ps3 = self.smooth(concat_levels([cat(p, g) for p, g in zip(ps2, crops.ps2, strict=True)]))
         return HeadOutput(self.classify(ps3), ps3, Pyramid(list(c), ps0, ps1, ps2))
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BN momentum 0 while activation checkpointing recomputes a forward (e.g. of an `fpn_trunk` on a patch
+    batch), so running statistics are updated once per patch batch, as without checkpointing."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(bns, saved, strict=True):
+            m.momentum = momentum

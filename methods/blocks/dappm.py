@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.heads import SampleSafeBatchNorm2d
+from methods.blocks.heads import SampleSafeBatchNorm2d
 
 
 def _bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int = 1, pool: nn.Module | None = None,

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from methods.backbones import read_state_dict
 from methods.base import MethodError
+from methods.blocks.backbones import read_state_dict
 
 # keys of the ImageNet classifier, unused by a features-only trunk (upstream drops them with strict=False)
 _CLASSIFIER_PREFIXES = ("conv_last.", "fc.", "bn.", "linear.")

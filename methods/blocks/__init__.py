@@ -1,0 +1,1 @@
+"""Building blocks shared by several methods (like timm's layers): trunks, heads, losses, patch grids."""

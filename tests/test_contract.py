@@ -1,0 +1,138 @@
+"""One contract over every registered method and dataset: registering one is what puts it under test.
+
+Each method is built with its smoke configuration from params.yaml (code defaults where it has no block), predicts
+at two sizes (one not divisible by anything), trains every phase with finite losses that reach the phase's
+parameters, and matches the parameter counts its spec declares. Its declarations (knobs, outputs, ablation rows,
+published rows) must name real keywords and real rows."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from datasets import get_dataset, list_datasets
+from methods import build_method, list_methods, method_class
+from pipelines.config import check_model, load_config
+from pipelines.published import published_ablations, tables
+
+METHODS = sorted(list_methods())
+SIZES = [(320, 320), (300, 262)]  # the smoke patch sizes fit; 300 x 262 divides by nothing useful
+
+
+def smoke_config(name: str) -> dict:
+    config = load_config()
+    if name not in (config.raw.get("methods") or {}):
+        return {}
+    return config.method_model(name, "synthetic")
+
+
+def build(name: str, **extra):
+    torch.manual_seed(0)
+    return build_method(name, 7, **{**smoke_config(name), **extra})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_lives_in_its_own_module(name):
+    cls = method_class(name)
+    assert cls.__module__ == f"methods.{name}"  # what DVC's per-method dependency relies on
+    assert cls.description and cls.name == name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_predict_at_two_sizes(name):
+    model = build(name).eval()
+    for h, w in SIZES:
+        images = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8)
+        with torch.inference_mode():
+            logits = model.predict(images)
+            assert logits.shape == (1, 7, h, w) and torch.isfinite(logits).all()
+            for output in model.outputs:
+                value = model.predict_output(images, output.name)
+                channels = 7 if output.kind == "logits" else 1
+                assert value.shape == (1, channels, h, w) and torch.isfinite(value).all(), output
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_phase_trains(name):
+    model = build(name).train()
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    labels = torch.randint(0, 7, (2, 256, 256))
+    labels[:, :8] = 255  # ignored pixels are allowed
+    for phase in model.phases:
+        model.set_phase(phase.name)
+        model.zero_grad(set_to_none=True)
+        terms = model.forward_train(images, labels)
+        assert terms and all(t.dim() == 0 and torch.isfinite(t) for t in terms.values()), terms
+        sum(terms.values()).backward()
+        reached = [p for p in model.phase_parameters(phase) if p.grad is not None and p.grad.abs().sum() > 0]
+        assert reached, f"{name}/{phase.name}: no trained parameter got a gradient"
+
+
+def _inference_parameters(model, size: int = 512) -> int:
+    ran, hooks = set(), []
+    for module_name, module in model.named_modules():
+        hooks.append(module.register_forward_hook(lambda m, i, o, n=module_name: ran.add(n)))
+    try:
+        with torch.inference_mode():
+            model.predict(torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(p.numel() for n, m in model.named_modules() if n in ran for p in m.parameters(recurse=False))
+
+
+COUNTED = [(name, i) for name in METHODS for i in range(len(method_class(name).param_counts))]
+
+
+@pytest.mark.parametrize(("name", "index"), COUNTED)
+def test_declared_parameter_counts(name, index):
+    declared = method_class(name).param_counts[index]
+    model = build_method(name, declared.num_classes, **declared.config).eval()
+    if declared.total is not None:
+        assert sum(p.numel() for p in model.parameters()) == declared.total, declared.source
+    if declared.inference is not None:
+        assert _inference_parameters(model) == declared.inference, declared.source
+    for key, value in declared.named.items():
+        assert model.parameter_counts()[key] == value, (key, declared.source)
+
+
+def test_methods_with_a_spec_declare_counts():
+    assert {n for n, _ in COUNTED} >= {"isdnet", "rue", "glnet"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_declarations_name_real_keywords_and_rows(name):
+    cls = method_class(name)
+    keywords = inspect.signature(cls.__init__).parameters
+    for knob in cls.knobs:
+        assert knob.name in keywords and knob.sweep
+        for value in knob.sweep:
+            knob.check(value)
+    for row in cls.ablations:
+        check_model(name, row.model, f"{name} ablation {row.key}")
+    rows = {r["method"] for spec in tables().values() for r in spec["rows"]}
+    assert set(cls.published) <= rows, "a published row the tables do not have"
+    for settings in cls.published.values():
+        assert set(settings) <= {k.name for k in cls.knobs}
+    for dataset, spec in published_ablations().get(name, {}).items():
+        assert set(spec["rows"]) <= {r.key for r in cls.ablations}, dataset
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_ablation_rows_build(name):
+    for row in method_class(name).ablations:
+        build(name, **row.model)
+
+
+@pytest.mark.parametrize("name", sorted(list_datasets()))
+def test_dataset_declares_its_contract(name):
+    info = get_dataset(name).info
+    assert info.name == name and info.description
+    assert len(info.palette) == info.num_classes >= 2 and all(len(c) == 3 for c in info.palette)
+    assert set(info.counted_classes) <= set(range(info.num_classes)) and info.counted_classes
+    assert set(info.fine_classes) <= set(range(info.num_classes))
+    assert info.ignore_index == 255 and len(info.native_size) == 2
+    assert info.headline == "miou" or info.headline.split(":", 1)[1] in info.class_names
+    assert name in load_config().raw["datasets"], "every dataset has a datasets.<name> block in params.yaml"
+    assert "source" in inspect.signature(get_dataset(name).prepare).parameters

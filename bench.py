@@ -137,12 +137,11 @@ def evaluate(dataset: str, method: str, split: str | None, device: str, params: 
              overrides: tuple[str, ...]) -> None:
     """Score a trained method on a split (mIoU, per-class IoU, pixel accuracy)."""
     from methods import resolve_method_name
-    from pipelines.config import model_overrides
     from pipelines.evaluate import evaluate as run
 
     config = _config(params, overrides)
     name = resolve_method_name(method)
-    result = run(config, dataset, name, split, device, model_overrides(list(overrides), name))
+    result = run(config, dataset, name, split, device, config.model_overrides(name))
     if result:  # under torchrun only rank 0 has the scores
         click.echo(f"{name} on {dataset}/{result['split']}: mIoU {100 * result['miou']:.2f} "
                    f"(pixel accuracy {100 * result['pixel_accuracy']:.2f})")
@@ -190,20 +189,19 @@ def measure(dataset: str, method: str, scale: float | None, amp: str | None, cha
             overrides: tuple[str, ...]) -> None:
     """Latency (median/p90, FPS), memory (NVML, torch, RSS), parameters and MACs of one method."""
     from methods import resolve_method_name
-    from pipelines.config import model_overrides
     from pipelines.measure import format_summary, parse_sizes
     from pipelines.measure import measure as run
 
     config = _config(params, overrides)
     name = resolve_method_name(method)
     result = run(config, dataset, name, device, scale, amp, channels_last or None, dummy or None, untrained,
-                 parse_sizes(sweep, config), model_overrides(list(overrides), name))
+                 parse_sizes(sweep, config), config.model_overrides(name))
     click.echo(format_summary(result))
 
 
 @cli.command()
 @click.option("--dataset", required=True)
-@click.option("--method", default="uhrsnet", show_default=True)
+@click.option("--method", required=True, help="a method that declares ablation rows (see `bench.py list`)")
 @click.option("--row", "rows", multiple=True, help="train/evaluate only this configuration (repeatable); "
               "the table still lists every row with a finished checkpoint")
 @click.option("--train-only", is_flag=True, help="train the configurations, write no table")
@@ -215,7 +213,7 @@ def measure(dataset: str, method: str, scale: float | None, amp: str | None, cha
 @one_line_errors
 def ablation(dataset: str, method: str, rows: tuple[str, ...], train_only: bool, seeds: str | None, device: str,
              params: str | None, overrides: tuple[str, ...]) -> None:
-    """Train and evaluate the method's ablation configurations; write the ablation table to results/ablations/."""
+    """Train and evaluate the ablation rows a method declares; write its ablation table to results/ablations/."""
     from pipelines.ablation import ablation as run
     from pipelines.ablation import parse_seeds
 
@@ -227,18 +225,37 @@ def ablation(dataset: str, method: str, rows: tuple[str, ...], train_only: bool,
 @cli.command()
 @click.option("--dataset", required=True)
 @click.option("--method", required=True)
-@click.option("--k", "ks", default="1.0,0.75,0.5,0.25", show_default=True, help="comma-separated K values")
+@click.option("--knob", default=None, help="which declared runtime knob (default: the method's first)")
+@click.option("--values", default=None, help="comma-separated values (default: the knob's declared sweep)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--params", default=None, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @one_line_errors
-def sweep(dataset: str, method: str, ks: str, device: str, params: str | None, overrides: tuple[str, ...]) -> None:
-    """Evaluate and measure a trained method at several K (share of refined patches): accuracy vs FPS."""
-    from pipelines.sweep import parse_ks
+def sweep(dataset: str, method: str, knob: str | None, values: str | None, device: str, params: str | None,
+          overrides: tuple[str, ...]) -> None:
+    """Evaluate and measure a trained method as a runtime knob varies (RUE's K): accuracy vs FPS."""
+    from methods import resolve_method_name
+    from pipelines.sweep import choose_knob, parse_values
     from pipelines.sweep import sweep as run
 
-    table = run(_config(params, overrides), dataset, method, parse_ks(ks), device)
+    config = _config(params, overrides)
+    name = resolve_method_name(method)
+    chosen = choose_knob(name, knob)
+    table = run(config, dataset, name, parse_values(values, chosen), device, chosen.name)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+
+
+@cli.command("config")
+@click.option("--dataset", required=True)
+@click.option("--method", required=True)
+@click.option("--params", default=None, help=PARAMS_HELP)
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@one_line_errors
+def config_cmd(dataset: str, method: str, params: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved configuration each stage will use for a method on a dataset (defaults included)."""
+    from pipelines.config import dump_resolved
+
+    click.echo(dump_resolved(_config(params, overrides), dataset, method), nl=False)
 
 
 @cli.command()

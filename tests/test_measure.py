@@ -185,26 +185,27 @@ def test_measure_writes_json_sweep_and_mlflow_run(tmp_path, tiny_synthetic, shar
 
     config = load_config(tiny_params(tmp_path, tiny_synthetic))
     model = SleepMethod(seconds=0.001, oom_at=200).eval()
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: (model, {"k": 3}, "untrained (test)", "abc"))
-    result = M.measure(config, "synthetic", "global", device="cpu", sweep=[32, 256])
-    out = tmp_path / "results" / "measure" / "synthetic" / "global.json"
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: (model, {"k": 3, "gamma": 1.0}, "untrained (test)", "abc"))
+    result = M.measure(config, "synthetic", "rue", device="cpu", sweep=[32, 256])  # rue declares the knob k
+    out = tmp_path / "results" / "measure" / "synthetic" / "rue.json"
     saved = json.loads(out.read_text())
     assert saved["input_size"] == "128x128" and saved["source"].startswith("real test images")
     assert saved["fps"] == pytest.approx(1e3 / saved["latency_ms_median"])
     assert saved["environment"]["model_k"] == "3" and saved["environment"]["cudnn_benchmark"] in ("True", "False")
+    assert "model_gamma" not in saved["environment"]  # only declared runtime knobs are recorded there
     for key in ("device_name", "driver", "cuda_compiled", "cudnn", "torch", "timm", "git_commit", "cpu_model",
                 "torch_threads", "precision"):
         assert key in saved["environment"]
     assert [r["status"] for r in saved["sweep"]] == ["ok", "OOM"]
-    assert (out.parent / "global_sweep.csv").is_file() and (out.parent / "global_sweep.png").is_file()
+    assert (out.parent / "rue_sweep.csv").is_file() and (out.parent / "rue_sweep.png").is_file()
     query = f"tags.stage = 'measure' and attributes.run_id = '{result['mlflow_run_id']}'"
     runs = mlflow.search_runs(experiment_names=["uhrbench-synthetic"], filter_string=query)
-    assert len(runs) == 1 and runs["tags.method"][0] == "global"
+    assert len(runs) == 1 and runs["tags.method"][0] == "rue"
     assert runs["metrics.latency_ms_median"][0] == pytest.approx(saved["latency_ms_median"])
     assert runs["tags.env.precision"][0] == "fp32" and runs["tags.torch_max_reserved_mib"][0] == "unavailable"
     # flags that differ from params.yaml get a labelled file; the DVC metrics file is left alone
-    dummy = M.measure(config, "synthetic", "global", device="cpu", scale=0.5, dummy=True)
-    assert dummy["output"].endswith("global__s0.5_dummy.json") and dummy["input_size"] == "64x64"
+    dummy = M.measure(config, "synthetic", "rue", device="cpu", scale=0.5, dummy=True)
+    assert dummy["output"].endswith("rue__s0.5_dummy.json") and dummy["input_size"] == "64x64"
     assert json.loads(out.read_text())["input_size"] == "128x128"
 
 

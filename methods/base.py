@@ -200,6 +200,11 @@ class UHRMethod(nn.Module):
     def load_official(self, path: str) -> LoadReport:
         raise MethodError(f"method '{self.name}' has no official checkpoint layout to load ({path})")
 
+    def save_official(self, path: str) -> None:
+        """Write this model's weights in the upstream checkpoint layout `load_official` reads (to run them in the
+        official code, e.g. for parity checks). Methods with an upstream layout override both."""
+        raise MethodError(f"method '{self.name}' has no official checkpoint layout to write ({path})")
+
     def load_mapped_state(self, state: dict[str, torch.Tensor], path: str, strict: bool = True) -> LoadReport:
         """Load a checkpoint already mapped onto our key names. Every key that cannot be placed is named:
         with `strict` any missing, unexpected or mis-shaped key raises and nothing is loaded; otherwise

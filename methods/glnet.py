@@ -356,6 +356,16 @@ class GLNet(UHRMethod):
 
     # ---- released checkpoints (§8) ------------------------------------------------------------------
 
+    def save_official(self, path: str) -> None:
+        """This model as the released files (§8) in folder `path`, which `load_official(path)` reads back: the
+        stage-1 global file (its non-local keys from `global_fixed`) and the local2global file (the final model),
+        both DataParallel `fpn` state dicts with `module.` keys."""
+        os.makedirs(path, exist_ok=True)
+        main = {k: v for k, v in self.state_dict().items() if not k.startswith("global_fixed")}
+        stage1 = {**main, **{k: v for k, v in self.global_fixed.state_dict().items()}}
+        torch.save({f"module.{k}": v for k, v in stage1.items()}, os.path.join(path, RELEASE_FILES[GLOBAL]))
+        torch.save({f"module.{k}": v for k, v in main.items()}, os.path.join(path, RELEASE_FILES[L2G]))
+
     def load_official(self, path: str, phase: str | None = None) -> None:
         """Load released GLNet weights (a DataParallel `fpn` state dict, keys `module.<ours>`).
 

@@ -26,6 +26,7 @@ from methods.blocks.mmseg import (
     init_conv_seg,
     map_official_keys,
     mmseg_cross_entropy,
+    official_keys,
 )
 from methods.blocks.stdc import STDCNet, init_stdc, load_stdc_pretrained
 
@@ -325,3 +326,7 @@ class ISDNet(UHRMethod):
         nothing is loaded; with `strict=False` the matching tensors are loaded and the report says what was
         skipped (the released files are known not to match the released code: ASPP norms, SR decoder, §8)."""
         return self.load_mapped_state(official_to_ours(read_state_dict(path)), path, strict)
+
+    def save_official(self, path: str) -> None:
+        """This model in the release's mmseg layout (`{"state_dict": ...}`, §8 key names)."""
+        torch.save({"state_dict": official_keys(self.state_dict(), _OFFICIAL_RENAMES)}, path)

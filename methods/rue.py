@@ -46,6 +46,7 @@ from methods.blocks.mmseg import (
     init_conv_seg,
     map_official_keys,
     mmseg_cross_entropy,
+    official_keys,
 )
 from methods.blocks.stdc import STDCNet, init_stdc, load_stdc_pretrained
 
@@ -392,3 +393,7 @@ class RUE(UHRMethod):
         report = self.load_mapped_state(state, path, strict)
         report.skipped = skipped
         return report
+
+    def save_official(self, path: str) -> None:
+        """This model in the release's mmseg layout (`{"state_dict": ...}`, §11 key names)."""
+        torch.save({"state_dict": official_keys(self.state_dict(), _OFFICIAL_RENAMES)}, path)

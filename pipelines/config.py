@@ -16,190 +16,30 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import inspect
 import json
-import typing
-from dataclasses import dataclass, field, fields
-from functools import cache
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, TypeAdapter, ValidationError
+from pydantic import ValidationError
+
+from pipelines.schema import (
+    RECIPE_FIELDS,
+    TOP_LEVEL,
+    ConfigError,
+    Params,
+    Recipe,
+    _pydantic_line,
+    check_model,
+    constructor_keywords,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PROFILES = ("smoke", "paper")
 OVERRIDE_ORDER = ("code defaults", "methods.<m>.model", "recipes.<profile>.model",
                   "recipes.<profile>.datasets.<dataset>.model", "--set")
-
-
-class ConfigError(ValueError):
-    """params.yaml (or a --set override) is malformed; the message names the key and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# recipes
-
-
-@dataclass(frozen=True)
-class Schedule:
-    name: Literal["poly", "constant"] = "poly"
-    power: float = 0.9
-    min_lr: float = 0.0
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One training recipe (a method x dataset x profile, or one phase of it)."""
-
-    iterations: int
-    batch_size: int
-    lr: float
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: Schedule = field(default_factory=Schedule)
-    crop_size: int | None = None  # None: whole image
-    resize_ratio: float = 1.0
-    hflip: bool = True
-    vflip: bool = False
-    rot90: bool = False
-    rotate: dict | None = None  # {prob, degrees: [lo, hi]}: arbitrary-angle rotation, label padded with ignore
-    photometric: bool = False
-    cat_max_ratio: float | None = None
-    amp: Literal["fp16", "bf16"] | None = None  # CUDA only
-    channels_last: bool = False  # NHWC memory format (CUDA only)
-    checkpoint_every: int = 0  # 0: only at the end
-    log_every: int = 10
-
-    @classmethod
-    def from_dict(cls, raw: Any, where: str) -> Recipe:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where} must be a mapping of recipe fields, got {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown recipe key(s) {', '.join(unknown)}; "
-                              f"allowed: {', '.join(sorted(known))}")
-        missing = [k for k in ("iterations", "batch_size", "lr") if k not in raw]
-        if missing:
-            raise ConfigError(f"{where}: missing {', '.join(missing)}")
-        values = dict(raw)
-        schedule = values.get("schedule") or {}
-        if not isinstance(schedule, dict) or set(schedule) - {"name", "power", "min_lr"}:
-            raise ConfigError(f"{where}.schedule must be a mapping with name/power/min_lr")
-        values["schedule"] = schedule
-        recipe = _typed(cls, values, where)
-        recipe._check(where)
-        return recipe
-
-    def _check(self, where: str) -> None:
-        for name in ("iterations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be a positive number, got {self.lr!r}")
-        if self.crop_size is not None and self.crop_size < 8:
-            raise ConfigError(f"{where}.crop_size must be null or an integer >= 8, got {self.crop_size!r}")
-
-
-RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))
-
-
-@cache
-def _adapter(kind) -> TypeAdapter:
-    return TypeAdapter(kind)
-
-
-def _typed(cls, values: dict, where: str):
-    """`cls(**values)` with every field's type checked (pydantic, lax: 2 is a float, "two" is not an int)."""
-    try:
-        return _adapter(cls).validate_python(values)
-    except ValidationError as exc:
-        raise ConfigError(_pydantic_line(exc, where)) from None
-
-
-def _pydantic_line(exc: ValidationError, where: str) -> str:
-    error = exc.errors()[0]
-    loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
-    key = f"{where}.{loc}" if where and loc else (where or loc)
-    if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key; remove or rename it"
-    if error["type"] == "missing":
-        return f"{key}: missing; add it"
-    return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]}, got {error.get('input')!r}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the shape of params.yaml
-
-
-class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Benchmark(_Block):
-    datasets: list[str]
-    methods: list[str]
-
-
-class TrainSettings(_Block):
-    workers: NonNegativeInt = 0  # DataLoader workers
-    nproc_per_node: PositiveInt = 1  # processes under torchrun
-    batch_per_device: PositiveInt | None = None  # micro-batch per process; None: recipe batch / processes
-    deterministic: bool = False
-
-
-class EvaluateSettings(_Block):
-    split: str = "test"
-    num_visualizations: NonNegativeInt = 3
-    tile_size: PositiveInt | None = None
-    tile_overlap: NonNegativeInt = 256
-
-
-def _per_device(kind):
-    return kind | dict[str, kind]
-
-
-class MeasureBlock(_Block):
-    """Types only; pipelines/measure.py's MeasureSettings resolves per-device values and checks ranges."""
-
-    device: str = "auto"
-    warmup: _per_device(NonNegativeInt) = 2
-    iterations: _per_device(PositiveInt) = 5
-    min_seconds: _per_device(float) = 0.0
-    source: Literal["real", "dummy"] = "real"
-    max_images: PositiveInt = 4
-    scale: PositiveFloat = 1.0
-    amp: Literal["fp16", "bf16"] | None = None
-    channels_last: bool = False
-    cudnn_benchmark: bool = False
-    poll_interval_ms: PositiveFloat = 10.0
-    sweep: list[PositiveInt] = [1024, 2048, 2448, 4096, 5000, 8192]
-
-
-class MethodBlock(_Block):
-    model: dict[str, Any] = {}
-    recipes: dict[Literal["smoke", "paper"], dict[str, Any]] = {}
-
-
-class Params(_Block):
-    profile: Literal["smoke", "paper"]
-    seed: int = 0
-    data_root: str = "data"
-    checkpoint_root: str = "checkpoints"
-    results_root: str = "results"
-    benchmark: Benchmark
-    datasets: dict[str, dict[str, Any]]
-    train: TrainSettings = TrainSettings()
-    evaluate: EvaluateSettings = EvaluateSettings()
-    measure: MeasureBlock = MeasureBlock()
-    schedules: dict[str, dict[str, Any]] = {}
-    methods: dict[str, MethodBlock]
-
-
-TOP_LEVEL = tuple(Params.model_fields)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,59 +77,10 @@ def expand_uses(block: dict, schedules: dict, where: str, seen: tuple[str, ...] 
     return deep_merge(merged, block)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# model keywords: checked against the constructor
-
-
-@cache
-def _constructor(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(defaults, type hints) of method `name`'s constructor keywords (num_classes and ignore_index aside),
-    following `**kwargs` up to the parent that takes them (the DeepLabv3 baselines)."""
-    from methods import UHRMethod, method_class
-
-    params: dict[str, inspect.Parameter] = {}
-    hints: dict[str, Any] = {}
-    for klass in method_class(name).__mro__:
-        if klass is UHRMethod or "__init__" not in vars(klass):
-            continue
-        init = vars(klass)["__init__"]
-        signature = inspect.signature(init)
-        try:
-            types = typing.get_type_hints(init)
-        except Exception:  # noqa: BLE001 - unresolvable annotations: names are still checked
-            types = {}
-        for p in signature.parameters.values():
-            if p.name in ("self", "num_classes", "ignore_index") or p.name in params \
-                    or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            params[p.name], hints[p.name] = p, types.get(p.name, Any)
-        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-            break
-    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    return defaults, hints
-
-
 def full_model_config(method: str, model: dict) -> dict:
     """`model` over the constructor's defaults: every keyword the method is built with."""
-    defaults, _ = _constructor(method)
+    defaults, _ = constructor_keywords(method)
     return {**copy.deepcopy(defaults), **model}
-
-
-def check_model(method: str, model: dict, where: str) -> None:
-    """Unknown keywords and wrong types are ConfigErrors naming `where.<key>`."""
-    defaults, hints = _constructor(method)
-    unknown = sorted(set(model) - set(hints))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} for method '{method}'; "
-                          f"its keywords: {', '.join(sorted(hints))}")
-    for key, value in model.items():
-        try:
-            _adapter(hints[key]).validate_python(value)
-        except ValidationError:
-            kind = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
-            raise ConfigError(f"{where}.{key} must be {kind}, got {value!r}") from None
-        except Exception:  # noqa: BLE001,S110 - a type pydantic cannot check; the constructor will
-            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------

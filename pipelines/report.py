@@ -11,7 +11,7 @@ from methods import display_name, method_class
 from methods.base import MethodError
 from pipelines import plots, published, tracking
 from pipelines.config import Config, ConfigError
-from pipelines.paths import ablation_scores
+from pipelines.paths import ablation_scores, measure_file, metrics_file
 from pipelines.tables import SUFFIX, format_table, pct, write_table
 
 
@@ -114,10 +114,34 @@ def report(config: Config) -> list[Path]:
     """The whole report: comparison tables, the published tables with our numbers beside them, the plots
     and results/README.md listing where each table came from."""
     written = compare_tables(config)
+    written.append(write_summary(config))
     written += tables(config)
     written += plots.all_plots(config)
     written.append(write_readme(config, written))
     return written
+
+
+def write_summary(config: Config) -> Path:
+    """results/summary.json, DVC's metric: per benchmark dataset and method, the headline (%) and FPS of the
+    default result files, so `dvc exp show` and `dvc metrics diff` list two numbers per method, not hundreds."""
+    import json
+
+    summary: dict = {}
+    for dataset in config.benchmark_datasets:
+        for method in config.benchmark_methods:
+            scores, speed = metrics_file(config, dataset, method), measure_file(config, dataset, method)
+            entry = {}
+            if scores.is_file():
+                entry["headline"] = round(100 * json.loads(scores.read_text())["headline_value"], 2)
+            if speed.is_file():
+                fps = json.loads(speed.read_text()).get("fps")
+                if isinstance(fps, (int, float)):
+                    entry["fps"] = round(fps, 3)
+            if entry:
+                summary.setdefault(dataset, {})[method] = entry
+    path = config.results_root / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
 
 
 def tables(config: Config) -> list[Path]:

@@ -28,8 +28,9 @@ from datasets.transforms import training_transform
 from methods import UHRMethod, build_method, resolve_method_name
 from pipelines import distributed, tracking
 from pipelines.checkpoints import save_checkpoint
-from pipelines.config import Config, ConfigError, Recipe, full_model_config
+from pipelines.config import Config, ConfigError, full_model_config
 from pipelines.paths import checkpoint_dir
+from pipelines.schema import Recipe
 
 
 class TrainingError(RuntimeError):

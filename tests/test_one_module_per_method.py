@@ -121,3 +121,25 @@ def test_no_pipeline_or_cli_code_names_a_method():
             if text in names or any(w in names - {"global", "local"} for w in words):
                 found.append(f"{path.relative_to(REPO)}:{line}: {text!r}")
     assert found == []
+
+
+def test_pipeline_modules_import_each_other_without_a_cycle():
+    """Stages share code through their own modules (paths, checkpoints, tables, published), never through each
+    other in a circle; function-level imports count too."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((REPO / "pipelines").glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "pipelines":
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipelines."):
+                deps.add(node.module.split(".")[1])
+        graph[path.stem] = deps - {path.stem}
+
+    def visit(node: str, trail: tuple[str, ...]) -> None:
+        assert node not in trail, " -> ".join((*trail, node))
+        for dep in graph.get(node, ()):
+            visit(dep, (*trail, node))
+
+    for module in graph:
+        visit(module, ())

@@ -55,6 +55,9 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
         assert f"Running stage 'train@synthetic-{method}'" in first
         metrics = json.loads((repo / "results" / "metrics" / "synthetic" / f"{method}.json").read_text())
         assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 2
+    summary = json.loads((repo / "results" / "summary.json").read_text())  # DVC's one compact metric file
+    assert set(summary["synthetic"]) == set(methods)
+    assert all(set(v) == {"headline", "fps"} for v in summary["synthetic"].values())
     table = (repo / "results" / "tables" / "compare_synthetic.md").read_text()
     assert all(f"| {m} " in table for m in methods)
     assert (repo / "results" / "tables" / "compare_synthetic.csv").is_file()

@@ -1,4 +1,6 @@
 """The knob sweep: evaluate + measure a trained RUE at several K; table, plot, MLflow; defaults untouched."""
+import json
+
 import mlflow
 import pandas as pd
 import pytest
@@ -45,6 +47,8 @@ def test_sweep_writes_table_plot_and_mlflow(tmp_path, tiny_synthetic, mlflow_sto
     # the variants are labelled files; the default (DVC-tracked) results are not overwritten
     metrics = tmp_path / "results" / "metrics" / "synthetic"
     assert sorted(p.name for p in metrics.iterdir()) == ["rue__k0.5.json", "rue__k1.json"]
+    scored = json.loads((metrics / "rue__k1.json").read_text())  # RUE's declared uncertainty output, summarised
+    assert 0 <= scored["uncertainty_fine_mean"] <= 1 and 0 <= scored["uncertainty_region_mean"] <= 1
     measured = tmp_path / "results" / "measure" / "synthetic"
     assert sorted(p.name for p in measured.iterdir() if p.suffix == ".json") == ["rue__k0.5.json", "rue__k1.json"]
 

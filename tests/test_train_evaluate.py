@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import tiny_params
 
-from pipelines.config import ConfigError, Recipe, load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.evaluate import evaluate
+from pipelines.schema import Recipe
 from pipelines.train import build_scheduler, train
 
 

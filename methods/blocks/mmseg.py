@@ -106,3 +106,16 @@ def map_official_keys(state: dict[str, torch.Tensor], renames, unused: tuple[str
     if stdc:
         out.update({f"refine_head.stdc_net.{k}": v for k, v in stdc_state_dict(stdc).items()})
     return out, skipped
+
+
+def official_keys(state: dict[str, torch.Tensor], renames) -> dict[str, torch.Tensor]:
+    """Our keys -> mmseg release keys: `map_official_keys` backwards (STDC stays under `features.*`, which the
+    release's loader and ours both accept). For writing our weights in the upstream layout."""
+    out = {}
+    for key, value in state.items():
+        for old, new in renames:
+            if key.startswith(new):
+                key = old + key[len(new):]
+                break
+        out[key] = value
+    return out

@@ -13,21 +13,69 @@ SET_HELP = "override a parameter, e.g. --set profile=paper or --set local.window
 
 
 def one_line_errors(func):
-    """Known problems become one-line messages with exit code 1, never a traceback."""
+    """Problems a user can cause become one line naming the file and the fix (exit code 1; 130 after a stop);
+    anything else is one line pointing at the full traceback in a log file (`--debug` raises it instead)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from datasets.base import DatasetError
         from methods.base import MethodError
+        from pipelines.checkpoints import CheckpointError
         from pipelines.config import ConfigError
         from pipelines.train import TrainingError
 
         try:
             return func(*args, **kwargs)
-        except (ConfigError, DatasetError, MethodError, TrainingError) as exc:
+        except (ConfigError, DatasetError, MethodError, TrainingError, CheckpointError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
+        except KeyboardInterrupt as exc:
+            click.echo(f"Stopped: {exc}" if str(exc) else "Stopped.", err=True)
+            sys.exit(130)
+        except OSError as exc:
+            raise click.ClickException(os_error_line(exc)) from None
+        except Exception as exc:
+            if (click.get_current_context().find_root().obj or {}).get("debug"):
+                raise
+            log = write_traceback()
+            text = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise click.ClickException(f"internal error ({exc.__class__.__name__}: {text}); the full traceback is "
+                                       f"in {log}, or run again with `bench.py --debug ...`") from None
 
     return wrapper
+
+
+def os_error_line(exc: OSError) -> str:
+    """A file-system error as one line: what happened to which file, and what to do."""
+    import errno
+
+    name = exc.filename or "a file"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device while writing {name}; free disk space and run again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror}: {name}; make it writable (or readable), or point the setting that names it elsewhere"
+    if exc.errno == errno.ENOENT:
+        return f"{name} does not exist; check the path"
+    return f"{exc.strerror or exc.__class__.__name__}: {name}"
+
+
+def write_traceback() -> str:
+    """The current exception's traceback in logs/bench-<time>.log (a temporary file if logs/ is not writable)."""
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    text = f"$ {' '.join(sys.argv)}\n{traceback.format_exc()}"
+    try:
+        folder = Path(__file__).resolve().parent / "logs"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        path.write_text(text)
+    except OSError:
+        with tempfile.NamedTemporaryFile("w", prefix="uhrbench-", suffix=".log", delete=False) as handle:
+            handle.write(text)
+            path = handle.name
+    return str(path)
 
 
 def _torchrun(nproc: int) -> int:
@@ -53,11 +101,14 @@ def _config(params: str | None, overrides: tuple[str, ...] = ()):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="show the full traceback of an unexpected error")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """uhrbench: one reproducible harness for ultra-high-resolution semantic segmentation.
 
     Typical use: `dvc repro` runs everything; these commands run single stages.
     """
+    ctx.obj = {"debug": debug}
 
 
 @cli.command("list")
@@ -253,9 +304,9 @@ def sweep(dataset: str, method: str, knob: str | None, values: str | None, devic
 @one_line_errors
 def config_cmd(dataset: str, method: str, params: str | None, overrides: tuple[str, ...]) -> None:
     """Print the fully resolved configuration each stage will use for a method on a dataset (defaults included)."""
-    from pipelines.config import dump_resolved
+    from pipelines.checkpoints import describe
 
-    click.echo(dump_resolved(_config(params, overrides), dataset, method), nl=False)
+    click.echo(describe(_config(params, overrides), dataset, method), nl=False)
 
 
 @cli.command()

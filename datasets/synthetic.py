@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from datasets.base import SPLITS, DatasetError, DatasetInfo, register_dataset, write_split
+from datasets.download import guard_output
 
 GENERATOR_VERSION = 2  # bump when the images change, so cached prepared data is recognisably stale
 UNKNOWN, URBAN, AGRICULTURE, RANGELAND, FOREST, WATER, BARREN = range(7)
@@ -306,17 +307,15 @@ def _validate(source: Path | None, image_size: int, num_images: int, splits: Map
 
 def prepare(out_dir: Path, source: Path | None = None, *, image_size: int = 1024, num_images: int = 24,
             splits: Mapping[str, int] = DEFAULT_SPLITS, seed: int = 0, workers: int = 2,
-            progress: bool = True) -> dict:
+            progress: bool = True, force: bool = False) -> dict:
     """Generate the dataset into the prepared layout (datasets/base.py); returns counts and class fractions.
 
-    Splits are assigned in id order (train, then val, then test). meta.json is removed first and written last,
-    so an interrupted run never looks prepared; files from an earlier, larger run are deleted.
+    Splits are assigned in id order (train, then val, then test). An existing prepared dataset is overwritten only
+    with `force`; meta.json is written last, so an interrupted run never looks prepared.
     """
     _validate(source, image_size, num_images, splits, seed)
     out_dir = Path(out_dir)
-    for sub in ("images", "labels", "splits"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)
+    guard_output(out_dir, INFO.name, force)
 
     jobs = [(out_dir, i, int(image_size), int(seed)) for i in range(num_images)]
     workers = max(1, min(int(workers), num_images))
@@ -325,11 +324,6 @@ def prepare(out_dir: Path, source: Path | None = None, *, image_size: int = 1024
         counts = list(tqdm(results, total=num_images, desc="synthetic", unit="img", disable=not progress))
 
     ids = [f"syn_{i:04d}" for i in range(num_images)]
-    keep = {f"{i}.png" for i in ids}
-    for sub in ("images", "labels"):
-        for path in (out_dir / sub).iterdir():
-            if path.is_file() and path.name not in keep:
-                path.unlink()  # stale output from an earlier run
     class_pixels, start = {}, 0
     for split in SPLITS:
         n = int(splits.get(split, 0))

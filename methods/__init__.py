@@ -14,7 +14,6 @@ from methods.base import (  # noqa: F401
     build_method,
     count_parameters,
     display_name,
-    knob,
     list_methods,
     method_class,
     register_method,

@@ -280,11 +280,6 @@ def build_method(name: str, num_classes: int, **cfg) -> UHRMethod:
                           f"check methods.{cls.name}.model in params.yaml") from exc
 
 
-def knob(name: str, key: str) -> Knob | None:
-    """Method `name`'s declared runtime knob `key`, or None."""
-    return next((k for k in method_class(name).knobs if k.name == key), None)
-
-
 def list_methods() -> dict[str, str]:
     return {name: cls.description for name, cls in sorted(_REGISTRY.items())}
 

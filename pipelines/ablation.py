@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from methods import Ablation, method_class, resolve_method_name
+from pipelines.checkpoints import CheckpointError, load_checkpoint
 from pipelines.config import Config, ConfigError
 from pipelines.paths import ablation_roots, ablation_scores, final_checkpoint
 from pipelines.published import ABLATION_VARIANT, ablation_table, ablation_title, note_texts, published_ablations
@@ -83,7 +83,10 @@ def ablation(config: Config, dataset: str, method: str, device: str = "auto", ro
 def _up_to_date(final: Path, params_hash: str) -> bool:
     if not final.is_file():
         return False
-    return torch.load(final, map_location="cpu", weights_only=False).get("params_hash") == params_hash
+    try:
+        return load_checkpoint(final).get("params_hash") == params_hash
+    except CheckpointError:
+        return False  # unreadable: trained again (training writes a new final.pt)
 
 
 def write_scores(config: Config, dataset: str, method: str, rows: tuple[Ablation, ...],

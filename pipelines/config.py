@@ -230,20 +230,16 @@ class Config:
         validate(out)
         return out
 
-    def resolved(self, method: str, dataset: str) -> dict:
-        """What each stage will use for (method, dataset), every default filled in (`bench.py config`)."""
+    def resolved(self, method: str, dataset: str, trained: tuple[dict, str] | None = None) -> dict:
+        """What each stage will use for (method, dataset), every default filled in (`bench.py config`). `trained`:
+        (model config, source) of an existing trained checkpoint, which evaluation and measurement rebuild."""
         from methods import resolve_method_name
 
         method = resolve_method_name(method)
         model = full_model_config(method, self.method_model(method, dataset))
-        trained, source = {**model, **self.model_overrides(method)}, "the model training will produce, then --set"
-        final = self.checkpoint_root / dataset / method / "final.pt"
-        if final.is_file():  # evaluation and measurement rebuild what was trained
-            import torch
-
-            stored = torch.load(final, map_location="cpu", weights_only=False)["model_config"]
-            trained = {**full_model_config(method, stored), **self.model_overrides(method)}
-            source = f"{final}, then --set"
+        stored, source = trained or (model, "the model training will produce")
+        trained = {**full_model_config(method, stored), **self.model_overrides(method)}
+        source += ", then --set"
         phase_keys = self.phase_keys(method, dataset)
         if phase_keys:
             recipe = {key: _plain(self.recipe(method, dataset, key)) for key in phase_keys}
@@ -399,21 +395,3 @@ def validate(config: Config) -> None:
                 for key in keys or [None]:
                     probe.recipe(name, dataset, key)
 
-
-def dump_resolved(config: Config, dataset: str, method: str) -> str:
-    """`bench.py config`: the resolved configuration as YAML, with the override order it came from."""
-    from datasets import get_dataset
-
-    get_dataset(dataset)
-
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    resolved = plain(config.resolved(method, dataset))
-    header = (f"# uhrbench configuration of {resolved['method']} on {dataset}, profile {config.profile}, from "
-              f"{config.path}\n# override order (lowest first): {resolved.pop('override_order')}\n")
-    return header + yaml.safe_dump(resolved, sort_keys=False, width=120, default_flow_style=None)

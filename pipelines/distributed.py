@@ -87,6 +87,15 @@ def training_module(model: nn.Module, ctx: DistContext, find_unused_parameters: 
         find_unused_parameters=find_unused_parameters)
 
 
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when `flag` is true on any (so that all ranks take the same branch)."""
+    if not ctx.distributed:
+        return bool(flag)
+    tensor = torch.tensor([int(bool(flag))], device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     if not ctx.distributed:
         return value

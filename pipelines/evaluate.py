@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import PreparedDataset, get_dataset
-from datasets.base import colorize
+from datasets.base import DatasetError, colorize
 from methods import count_parameters, resolve_method_name
 from pipelines import distributed, tracking
 from pipelines.checkpoints import load_trained
@@ -91,6 +91,10 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
                     panels.append((f"{image_id}_{name}", uncertainty_panel(values)))
     for m in (matrix, *secondary.values()):
         m.all_reduce()
+    if int(matrix.matrix.sum()) == 0:  # no score exists; never write NaN as a headline
+        raise DatasetError(f"the {split} split of {dataset} has no labelled pixel (every label is ignore = "
+                           f"{info.ignore_index}) in {config.data_root / dataset / 'labels'}; prepare the dataset "
+                           "again, or evaluate another split (--split)")
     seconds = time.perf_counter() - start
     if not ctx.is_primary:
         return {}

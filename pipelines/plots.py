@@ -46,7 +46,7 @@ def published_points(dataset: str) -> list[dict]:
 def our_points(ours: dict) -> list[dict]:
     """Our measured points (headline and FPS both measured) from report.our_results()."""
     out = []
-    for (method, settings), row in sorted(ours["rows"].items(), key=published._order):
+    for (method, settings), row in sorted(ours["rows"].items(), key=published.row_order):
         miou, fps = _number(row["headline"]), _number(row["fps"])
         if miou is None or fps is None:
             continue

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
 from pathlib import Path
 
 from datasets import get_dataset
@@ -21,9 +23,25 @@ def prepare(config: Config, dataset: str, source: str | None = None, progress: b
     flags = {"force": bool(params.pop("force", False)) or force,
              "allow_incomplete": bool(params.pop("allow_incomplete", False)) or allow_incomplete}
     accepted = inspect.signature(entry.prepare).parameters
-    params.update({k: v for k, v in flags.items() if k in accepted})  # generated datasets (synthetic) always rebuild
+    params.update({k: v for k, v in flags.items() if k in accepted})
+    source_path = Path(source).expanduser() if source else None
+    # --force over a prepared dataset: build and verify beside it, swap only on success (never lose the good one)
+    staging = out_dir.with_name(f".{out_dir.name}.staging") if flags["force"] and (out_dir / "meta.json").exists() \
+        else None
+    target = staging or out_dir
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
     try:
-        summary = entry.prepare(out_dir, Path(source).expanduser() if source else None, progress=progress, **params)
+        summary = entry.prepare(target, source_path, progress=progress, **params)
     except TypeError as exc:  # an unknown key in the params block reaches the signature
         raise ConfigError(f"datasets.{dataset} in params.yaml: {exc}; remove or rename that key") from None
+    finally:
+        if staging is not None and not (staging / "meta.json").exists():
+            shutil.rmtree(staging, ignore_errors=True)  # failed: the prepared dataset is untouched
+    if staging is not None:
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     return {"path": str(out_dir), "images": sum(1 for _ in (out_dir / "images").iterdir()), **summary}

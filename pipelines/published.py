@@ -47,7 +47,7 @@ def note_texts(keys: list[str]) -> list[str]:
     return [notes.get(key, key) for key in keys]
 
 
-def _knobs(method: str):
+def knobs_of(method: str):
     try:
         return method_class(method).knobs
     except MethodError:  # a method no longer registered: its runs have no knobs
@@ -58,7 +58,7 @@ def run_settings(run, method: str) -> Settings:
     """A run's knob values: from its variant tag (`k0.5`, a sweep point) or else its logged model config."""
     variant = str(run.get("variant", run.get("tags.variant", "")) or "")
     values = []
-    for knob in _knobs(method):
+    for knob in knobs_of(method):
         value = None
         for part in variant.split("_"):
             if part.startswith(knob.name):
@@ -79,11 +79,11 @@ def run_settings(run, method: str) -> Settings:
 
 def settings_label(method: str, settings: Settings, name: str | None = None) -> str:
     """'rue K=0.5': the method (or `name`) and its knob values as tables name them."""
-    titles = {k.name: k.title for k in _knobs(method)}
+    titles = {k.name: k.title for k in knobs_of(method)}
     return " ".join([name or method, *(f"{titles.get(key, key)}={value:g}" for key, value in settings)])
 
 
-def _order(item) -> tuple:
+def row_order(item) -> tuple:
     (method, settings), _ = item
     return method, tuple(-value for _, value in settings)
 
@@ -207,9 +207,9 @@ def published_table(table_id: str, ours: dict | None = None) -> pd.DataFrame:
     if spec.get("sweep_rows"):
         owned = {_owners()[r["method"]] for r in spec["rows"] if r["method"] in _owners()}
         methods = {m for m, settings in owned if settings}
-        for (method, settings), mine in sorted(ours["rows"].items(), key=_order):
+        for (method, settings), mine in sorted(ours["rows"].items(), key=row_order):
             if method in methods and settings and (method, settings) not in owned:
-                titles = ", ".join(k.title for k in _knobs(method))
+                titles = ", ".join(k.title for k in knobs_of(method))
                 row = {"method": settings_label(method, settings)}
                 row.update(triple(headline_label(dataset), None, "not published", mine["headline"], 2))
                 row.update(triple("FPS", None, "not published", mine["fps"], 2))
@@ -224,7 +224,7 @@ def ours_note(dataset: str, ours: dict) -> str:
     parts = [f"{settings_label(m, s)}: run {r['run']}, commit {r['commit']}, {r['date']}, "
              f"{r['measure_device'] or r['device']}, "
              + (f"scale {r['scale']}, {r['precision']}" if r["scale"] else "no measure run")
-             for (m, s), r in sorted(ours["rows"].items(), key=_order)]
+             for (m, s), r in sorted(ours["rows"].items(), key=row_order)]
     return "Ours (MLflow `" + tracking.experiment_name(dataset) + "`): " + "; ".join(parts) + "."
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from datasets import get_dataset
-from methods import display_name, method_class
-from methods.base import MethodError
+from methods import display_name
 from pipelines import plots, published, tracking
 from pipelines.config import Config, ConfigError
 from pipelines.paths import ablation_scores, measure_file, metrics_file
@@ -41,7 +40,7 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
         measures = measures.drop_duplicates(subset=["tags.method", "variant"], keep="first")
     knob_titles = {}
     for method in runs["tags.method"].unique():
-        knob_titles.update({k.name: k.title for k in _knobs(method)})
+        knob_titles.update({k.name: k.title for k in published.knobs_of(method)})
     rows = []
     for _, run in runs.iterrows():
         settings = dict(published.run_settings(run, run["tags.method"]))
@@ -61,13 +60,6 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
     if (table["variant"] == "default").all():
         table = table.drop(columns="variant")
     return table
-
-
-def _knobs(method: str):
-    try:
-        return method_class(method).knobs
-    except MethodError:
-        return ()
 
 
 MEASURED = {"FPS": "fps", "latency p50 (ms)": "latency_ms_median", "latency p90 (ms)": "latency_ms_p90",

@@ -10,6 +10,7 @@ import contextlib
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,13 +121,32 @@ def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash
                 "git_commit": git_commit(), "params_hash": params_hash,
                 "dvc_stage": os.environ.get("DVC_STAGE", "")}
     all_tags.update(tags or {})
+    if run_id is not None and not _exists(mlflow, run_id):
+        print(f"MLflow run {run_id} of the interrupted training is not in {tracking_uri()} (store deleted or "
+              "replaced); the training resumes in a new run, tagged lost_run_id", file=sys.stderr)
+        all_tags["lost_run_id"], run_id = run_id, None
     if run_id is not None:
-        with mlflow.start_run(run_id=run_id, nested=nested) as run:
-            yield Run(run)
-        return
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{display_name(method)}-{stage}",
-                          nested=nested, tags=all_tags) as run:
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{display_name(method)}-{stage}",
+                               nested=nested, tags=all_tags)
+    try:
         yield Run(run)
+    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM the trainer turned into a stop: not a failure
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def _exists(mlflow, run_id: str) -> bool:
+    try:
+        mlflow.get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST (or a store without it)
+        return False
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:

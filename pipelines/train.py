@@ -13,12 +13,15 @@ import contextlib
 import math
 import os
 import random
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -27,7 +30,7 @@ from datasets.base import read_meta
 from datasets.transforms import training_transform
 from methods import UHRMethod, build_method, resolve_method_name
 from pipelines import distributed, tracking
-from pipelines.checkpoints import save_checkpoint
+from pipelines.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from pipelines.config import Config, ConfigError, full_model_config
 from pipelines.paths import checkpoint_dir
 from pipelines.schema import Recipe
@@ -35,6 +38,36 @@ from pipelines.schema import Recipe
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to change."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGTERM or Ctrl-C (its MLflow runs end as KILLED); the message says where it resumes."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and a first Ctrl-C ask for a stop at the end of the current step, after a checkpoint; a second
+    Ctrl-C stops at once. Yields the flag the training loop reads (only the main thread can take signals)."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def ask(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        tqdm.write("stop requested: finishing this step and writing a checkpoint (Ctrl-C again stops at once)",
+                   file=sys.stderr)
+
+    for sig in previous:
+        signal.signal(sig, ask)
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -125,7 +158,11 @@ def _autocast(device: torch.device, amp: str | None):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state in plain types (tensors, numbers, strings), so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -133,7 +170,9 @@ def rng_state() -> dict:
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -150,8 +189,9 @@ def accumulation_steps(recipe: Recipe, world_size: int, batch_per_device: int | 
 
 def train_phase(model: UHRMethod, phase, recipe: Recipe, samples: SeededSamples,
                 ctx: distributed.DistContext, position: Position, workers: int = 0, batch_per_device=None,
-                resume: dict | None = None, log=None, on_checkpoint=None) -> list[float]:
-    """Run one phase up to `recipe.iterations` optimizer steps from `position`; returns its losses."""
+                resume: dict | None = None, log=None, on_checkpoint=None, stop: dict | None = None) -> list[float]:
+    """Run one phase up to `recipe.iterations` optimizer steps from `position`; returns its losses. When `stop`
+    says so (a signal), it checkpoints at the end of the step and raises TrainingInterrupted."""
     per_device, accum = accumulation_steps(recipe, ctx.world_size, batch_per_device)
     if len(samples) // ctx.world_size < per_device:
         raise ConfigError(f"a batch of {per_device} per process exceeds the {len(samples)} training images; "
@@ -213,6 +253,11 @@ def train_phase(model: UHRMethod, phase, recipe: Recipe, samples: SeededSamples,
         if (on_checkpoint is not None and recipe.checkpoint_every
                 and position.iteration % recipe.checkpoint_every == 0 and position.iteration < recipe.iterations):
             on_checkpoint(optimizer, scheduler, scaler)
+        if stop is not None and distributed.any_rank(stop["stop"], ctx):  # every rank stops at the same step
+            if on_checkpoint is not None:
+                on_checkpoint(optimizer, scheduler, scaler)
+            bar.close()
+            raise TrainingInterrupted(f"phase {phase.name} iteration {position.iteration}")
     bar.close()
     return position.losses
 
@@ -227,13 +272,39 @@ def train(config: Config, dataset: str, method: str, device: str = "auto", worke
     workers = train_cfg.get("workers", 0) if workers is None else workers
     set_deterministic(bool(train_cfg.get("deterministic", False)))
     ctx = distributed.init_distributed(tracking.resolve_device(device))
+    out_dir = checkpoint_dir(config, dataset, method)
+    lock = FileLock(out_dir.parent / f".{method}.train.lock")  # beside the folder DVC tracks, not in it
     try:
-        return _train(config, dataset, method, info, root, ctx, workers, train_cfg.get("batch_per_device"))
+        if ctx.is_primary:
+            try:
+                out_dir.parent.mkdir(parents=True, exist_ok=True)
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise TrainingError(f"another `bench.py train` is writing {out_dir} (lock {lock.lock_file}); wait "
+                                    "for it to finish or stop it, then run this again") from None
+        with stop_on_signals() as stop:
+            return _train(config, dataset, method, info, root, ctx, workers, train_cfg.get("batch_per_device"), stop)
+    except KeyboardInterrupt as exc:
+        where = str(exc) if isinstance(exc, TrainingInterrupted) else "mid-step"
+        raise TrainingInterrupted(f"{method} on {dataset} stopped ({where}); {resume_point(out_dir / 'last.pt')}") \
+            from None
     finally:
+        if lock.is_locked:
+            lock.release()
         distributed.shutdown(ctx)
 
 
-def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) -> Path:
+def resume_point(path: Path) -> str:
+    """Where the next run of the same configuration resumes, for the message at a stop."""
+    try:
+        state = load_checkpoint(path, ("phase", "position"))
+    except CheckpointError:
+        return "no checkpoint was written yet: the next run starts afresh"
+    return (f"the same `bench.py train` resumes from {path} (phase {state['phase']}, iteration "
+            f"{state['position']['iteration']})")
+
+
+def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, stop=None) -> Path:
     seed_everything(config.seed)
     model_cfg = full_model_config(method, config.method_model(method, dataset))  # pinned in the checkpoint
     model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg).to(ctx.device)
@@ -302,7 +373,8 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
                     distributed.barrier(ctx)
 
                 history[phase.name] = train_phase(model, phase, recipe, samples, ctx, position, workers,
-                                                  batch_per_device, resume if resuming else None, log, on_checkpoint)
+                                                  batch_per_device, resume if resuming else None, log, on_checkpoint,
+                                                  stop)
             if nested and ctx.is_primary:  # each phase's result is kept (e.g. GLNet's phase-1 global branch)
                 save_checkpoint(out_dir / f"phase_{phase.name}.pt", {**payload, "phase": phase.name,
                                                                      "model": model.state_dict()})
@@ -318,12 +390,29 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device) 
     return final
 
 
+RESUME_KEYS = ("phase", "position", "model", "optimizer", "scheduler", "scaler", "rng", "mlflow_run_ids",
+               "loss_history")
+
+
 def _resumable(path: Path, params_hash: str, ctx: distributed.DistContext) -> dict | None:
-    """The interrupted run's checkpoint when it belongs to the same configuration, else None."""
+    """The interrupted run's checkpoint when it belongs to the same configuration, else None. An unreadable one
+    never blocks training: it is set aside (renamed, not deleted) and training starts afresh."""
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("params_hash") != params_hash or state.get("world_size") != ctx.world_size:
+    try:
+        state = load_checkpoint(path, ("params_hash", "world_size"))
+        same = state["params_hash"] == params_hash and state["world_size"] == ctx.world_size
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if same and missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    except CheckpointError as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        if ctx.is_primary:
+            os.replace(path, aside)
+            tqdm.write(f"{exc}; moved it to {aside} and starting afresh", file=sys.stderr)
+        distributed.barrier(ctx)
+        return None
+    if not same:
         if ctx.is_primary:
             tqdm.write(f"not resuming from {path}: it belongs to another configuration; starting afresh",
                        file=sys.stderr)

@@ -16,7 +16,7 @@ from conftest import REPO, tiny_params
 from PIL import Image
 
 from pipelines import train as train_module
-from pipelines.checkpoints import save_checkpoint
+from pipelines.checkpoints import CheckpointError, save_checkpoint
 from pipelines.config import load_config
 from pipelines.paths import checkpoint_dir
 
@@ -138,7 +138,7 @@ def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(train_module.torch, "save", dies_half_way)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*last.pt: disk full"):
         save_checkpoint(path, {"iteration": 8, "weights": torch.zeros(3)})
     monkeypatch.undo()
     kept = torch.load(path, weights_only=False)

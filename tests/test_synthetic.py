@@ -124,7 +124,7 @@ def test_prepared_layout_is_readable_and_stale_files_go(tmp_path):
     out = tmp_path / "synthetic"
     prepare(out, image_size=96, num_images=6, splits={"train": 4, "val": 1, "test": 1}, workers=1, progress=False)
     summary = prepare(out, image_size=96, num_images=4, splits={"train": 2, "val": 1, "test": 1}, workers=1,
-                      progress=False)
+                      progress=False, force=True)
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"syn_000{i}.png" for i in range(4)]
     assert len(list((out / "labels").iterdir())) == 4
     assert [read_split(out, s) for s in ("train", "val", "test")] == [["syn_0000", "syn_0001"], ["syn_0002"],

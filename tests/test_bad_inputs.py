@@ -1,0 +1,260 @@
+"""Bad inputs and faults a user can cause: each ends in one clear line, loses nothing and writes nothing wrong.
+One test per case, named after what it tries."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import tiny_params
+from PIL import Image
+
+from bench import cli, os_error_line
+from pipelines import train as train_module
+from pipelines.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from pipelines.config import load_config
+from pipelines.paths import checkpoint_dir, metrics_file
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_line(result, *fragments):
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line and "/s]" not in line]  # no progress bars
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def params_with(tmp_path, data, iterations=4, **recipe):
+    params = tiny_params(tmp_path, data, iterations=iterations)
+    raw = yaml.safe_load(params.read_text())
+    raw["methods"]["global"]["recipes"]["smoke"].update(recipe)
+    params.write_text(yaml.safe_dump(raw))
+    return params
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+
+
+def test_planted_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "final.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": Payload()}, handle)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_trained_checkpoints_load_with_weights_only(tmp_path, tiny_synthetic, mlflow_store):
+    config = load_config(params_with(tmp_path, tiny_synthetic, iterations=4, checkpoint_every=2))
+    train_module.train(config, "synthetic", "global")
+    folder = checkpoint_dir(config, "synthetic", "global")
+    state = torch.load(folder / "final.pt", weights_only=True)  # plain types only
+    assert state["method"] == "global" and isinstance(state["model"], dict)
+
+
+def test_corrupt_final_checkpoint_names_file_and_fix(tmp_path, tiny_synthetic, mlflow_store):
+    params = tiny_params(tmp_path, tiny_synthetic)
+    final = checkpoint_dir(load_config(params), "synthetic", "global") / "final.pt"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"PK\x03\x04 truncated")
+    line = one_line(run("evaluate", "--dataset", "synthetic", "--method", "global", "--params", str(params)),
+                    str(final), "delete it and train again")
+    assert "Error" in line
+
+
+def test_truncated_last_checkpoint_does_not_block_training(tmp_path, tiny_synthetic, mlflow_store, capsys):
+    config = load_config(params_with(tmp_path, tiny_synthetic, iterations=2))
+    last = checkpoint_dir(config, "synthetic", "global") / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"\x80\x04 half a checkpoint")
+    final = train_module.train(config, "synthetic", "global")
+    assert final.is_file() and not last.exists()
+    assert last.with_name("last.pt.corrupt").read_bytes() == b"\x80\x04 half a checkpoint"  # set aside, not deleted
+    assert "starting afresh" in capsys.readouterr().err
+
+
+def test_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+
+    def full(obj, target, *args, **kwargs):
+        open(target, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="free disk space"):
+        save_checkpoint(path, {"x": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_filesystem_errors_are_one_line_with_the_file():
+    assert "free disk space" in os_error_line(OSError(errno.ENOSPC, "No space left on device", "/data/x.png"))
+    line = os_error_line(OSError(errno.EROFS, "Read-only file system", "/ro/results"))
+    assert "/ro/results" in line and "make it writable" in line
+    assert "does not exist" in os_error_line(FileNotFoundError(errno.ENOENT, "No such file", "/nope"))
+
+
+# -- runs ---------------------------------------------------------------------------------------------------------
+
+
+def test_second_train_of_the_same_folder_stops_with_a_message(tmp_path, tiny_synthetic, mlflow_store):
+    from filelock import FileLock
+
+    params = tiny_params(tmp_path, tiny_synthetic)
+    folder = checkpoint_dir(load_config(params), "synthetic", "global")
+    folder.parent.mkdir(parents=True)
+    with FileLock(folder.parent / ".global.train.lock"):  # the first run holds it
+        one_line(run("train", "--dataset", "synthetic", "--method", "global", "--params", str(params)),
+                 "another `bench.py train` is writing", str(folder))
+    assert not (folder / "final.pt").exists()
+
+
+def test_sigterm_stops_after_a_checkpoint_ends_the_run_killed_and_says_where_it_resumes(
+        tmp_path, tiny_synthetic, mlflow_store, monkeypatch):
+    config = load_config(params_with(tmp_path, tiny_synthetic, iterations=6))
+    samples = train_module.SeededSamples.__getitem__
+    sent = []
+
+    def signal_once(self, index):  # a SIGTERM arrives during the first step (deterministic, no timing)
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return samples(self, index)
+
+    monkeypatch.setattr(train_module.SeededSamples, "__getitem__", signal_once)
+    with pytest.raises(train_module.TrainingInterrupted, match=r"iteration 1\).*resumes from .*last.pt.*iteration 1"):
+        train_module.train(config, "synthetic", "global")
+    folder = checkpoint_dir(config, "synthetic", "global")
+    assert load_checkpoint(folder / "last.pt")["position"]["iteration"] == 1 and not (folder / "final.pt").exists()
+    runs = mlflow.search_runs(experiment_names=["uhrbench-synthetic"])
+    assert list(runs["status"]) == ["KILLED"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+
+    monkeypatch.setattr(train_module.SeededSamples, "__getitem__", samples)
+    final = train_module.train(config, "synthetic", "global")  # resumes in the same run and finishes it
+    assert len(load_checkpoint(final)["loss_history"]["main"]) == 6
+    runs = mlflow.search_runs(experiment_names=["uhrbench-synthetic"])
+    assert list(runs["status"]) == ["FINISHED"]
+
+
+def test_resume_after_the_mlflow_store_was_lost_continues_in_a_new_run(
+        tmp_path, tiny_synthetic, mlflow_store, monkeypatch, capsys):
+    config = load_config(params_with(tmp_path, tiny_synthetic, iterations=4))
+    monkeypatch.setattr(train_module, "stop_on_signals", _stop_at_once)
+    with pytest.raises(train_module.TrainingInterrupted):
+        train_module.train(config, "synthetic", "global")
+    lost = load_checkpoint(checkpoint_dir(config, "synthetic", "global") / "last.pt")["mlflow_run_ids"]["main"]
+    monkeypatch.undo()
+    new_store = f"sqlite:///{tmp_path / 'new-mlflow.db'}"  # mlflow.db deleted: a fresh store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store)
+    final = train_module.train(config, "synthetic", "global")
+    assert "is not in" in capsys.readouterr().err
+    mlflow.set_tracking_uri(new_store)
+    runs = mlflow.search_runs(experiment_names=["uhrbench-synthetic"])
+    assert len(runs) == 1 and runs["tags.lost_run_id"][0] == lost and runs["status"][0] == "FINISHED"
+    assert len(load_checkpoint(final)["loss_history"]["main"]) == 4
+
+
+class _stop_at_once:  # noqa: N801 - stands in for the context manager
+    def __enter__(self):
+        return {"stop": True}
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_every_smoke_recipe_checkpoints_during_training():
+    config = load_config()
+    for method in config.benchmark_methods:
+        keys = config.phase_keys(method, "synthetic") or [None]
+        for key in keys:
+            recipe = config.recipe(method, "synthetic", key)
+            assert 0 < recipe.checkpoint_every <= 50, (method, key)  # at most ~1.5 min of CPU work lost
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_split_with_only_ignored_labels_is_an_error_not_nan(tmp_path, tiny_synthetic, mlflow_store):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, data)
+    params = tiny_params(tmp_path, data, iterations=2)
+    config = load_config(params)
+    train_module.train(config, "synthetic", "global")
+    for name in (data / "synthetic" / "splits" / "test.txt").read_text().split():
+        path = data / "synthetic" / "labels" / f"{name}.png"
+        Image.fromarray(np.full_like(np.array(Image.open(path)), 255)).save(path)
+    one_line(run("evaluate", "--dataset", "synthetic", "--method", "global", "--params", str(params)),
+             "no labelled pixel", "labels")
+    assert not metrics_file(config, "synthetic", "global").exists()
+
+
+def test_synthetic_prepare_refuses_to_overwrite_without_force(tmp_path):
+    params = tiny_params(tmp_path, tmp_path / "data")
+    sets = ["--set", "datasets.synthetic.image_size=64", "--set", "datasets.synthetic.num_images=3",
+            "--set", "datasets.synthetic.splits={train: 1, val: 1, test: 1}"]
+    assert run("prepare", "--dataset", "synthetic", "--params", str(params), *sets).exit_code == 0
+    before = (tmp_path / "data" / "synthetic" / "images" / "syn_0000.png").read_bytes()
+    one_line(run("prepare", "--dataset", "synthetic", "--params", str(params), "--set",
+                 "datasets.synthetic.image_size=96"), "already holds a prepared synthetic dataset", "--force")
+    assert (tmp_path / "data" / "synthetic" / "images" / "syn_0000.png").read_bytes() == before
+
+
+def test_prepare_force_keeps_the_good_dataset_when_the_new_one_fails(tmp_path, monkeypatch):
+    from datasets import synthetic
+
+    params = tiny_params(tmp_path, tmp_path / "data")
+    sets = ["--set", "datasets.synthetic.image_size=64", "--set", "datasets.synthetic.num_images=3",
+            "--set", "datasets.synthetic.splits={train: 1, val: 1, test: 1}", "--set", "datasets.synthetic.workers=1"]
+    assert run("prepare", "--dataset", "synthetic", "--params", str(params), *sets).exit_code == 0
+    out = tmp_path / "data" / "synthetic"
+    before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+
+    def broken(job):
+        raise OSError(errno.ENOSPC, "No space left on device", str(job[0] / "images" / "syn_0000.png"))
+
+    monkeypatch.setattr(synthetic, "_write_one", broken)
+    one_line(run("prepare", "--dataset", "synthetic", "--force", "--params", str(params), *sets), "free disk space")
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
+    assert json.loads((out / "meta.json").read_text())["dataset"] == "synthetic"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synthetic"]  # no staging folder left
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------------
+
+
+def test_unexpected_error_is_one_line_with_the_log_and_debug_shows_it(monkeypatch, tmp_path):
+    import bench
+    import pipelines.checkpoints
+
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "bench.py"))  # the log goes to tmp_path/logs
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("an internal bug")
+
+    monkeypatch.setattr(pipelines.checkpoints, "describe", boom)
+    line = one_line(run("config", "--dataset", "synthetic", "--method", "global"),
+                    "internal error (ZeroDivisionError: an internal bug)", "--debug")
+    log = line.split("traceback is in ")[1].split(",")[0]
+    assert "ZeroDivisionError" in open(log).read() and log.startswith(str(tmp_path / "logs"))
+    debug = CliRunner().invoke(cli, ["--debug", "config", "--dataset", "synthetic", "--method", "global"])
+    assert isinstance(debug.exception, ZeroDivisionError)

@@ -144,10 +144,11 @@ def find_pairs(root: Path) -> dict[str, dict[str, dict[str, Path]]]:
 
 def _convert(job: tuple[str, str, str, str]) -> dict:
     tile, image_path, label_path, out_dir = job
+    current = label_path  # the file a failure is reported against
     try:
-        with Image.open(label_path) as lab:
-            label_ids = np.asarray(lab if lab.mode in ("L", "P") else lab.convert("L"))
+        label_ids = dl.read_label(label_path, ("L", "P"), "an 8-bit single-channel *_gtFine_labelIds.png")
         label = LABEL_TO_TRAIN[label_ids]
+        current = image_path
         with Image.open(image_path) as img:
             if img.size != (label.shape[1], label.shape[0]):
                 return {"id": tile, "error": f"{Path(image_path).name}: {img.size[0]}x{img.size[1]} but its label "
@@ -157,7 +158,9 @@ def _convert(job: tuple[str, str, str, str]) -> dict:
         counts = np.bincount(label.ravel(), minlength=256)
         return {"id": tile, "error": None, "counts": [int(c) for c in counts[:19]] + [int(counts[255])]}
     except Exception as exc:  # noqa: BLE001
-        return {"id": tile, "error": f"{Path(label_path).name}: cannot be converted ({exc})"}
+        if dl.fatal_write_error(exc):
+            raise
+        return {"id": tile, "error": f"{Path(current).name}: cannot be converted ({exc})"}
 
 
 def _find_zips(folder: Path) -> list[Path]:
@@ -194,8 +197,8 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
             if name not in names:
                 problems.append(f"{name}: missing next to {zips[0].name}")
         root = raw / "extracted"
-        for archive in zips:
-            dl.extract_once(archive, root, select=_wanted, progress=progress)
+        for archive in zips:  # one folder each: extract_once empties its folder for a changed archive
+            dl.extract_once(archive, root / archive.stem, select=_wanted, progress=progress)
     else:
         root = src
 

@@ -100,14 +100,13 @@ def _wanted(name: str) -> bool:
 
 def find_tiles(root: Path) -> dict[str, dict[str, Path]]:
     """id -> {'image': *_sat.jpg, 'mask': *_mask.png} found anywhere under root (folders without masks ignored)."""
-    found: dict[str, dict[str, Path]] = {}
+    entries = []
     for folder, _dirs, files in sorted(os.walk(root)):
         for name in sorted(files):
             match = _NAME.match(name)
             if match:
-                kind = "image" if match["kind"] == "sat.jpg" else "mask"
-                found.setdefault(match["id"], {}).setdefault(kind, Path(folder) / name)
-    return found
+                entries.append((match["id"], "image" if match["kind"] == "sat.jpg" else "mask", Path(folder) / name))
+    return dl.tile_index(entries, Path(root))
 
 
 def convert_mask(mask: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -122,10 +121,11 @@ def convert_mask(mask: np.ndarray) -> tuple[np.ndarray, int, int]:
 
 def _convert(job: tuple[str, str, str, str]) -> dict:
     tile, image_path, mask_path, out_dir = job
+    current = mask_path  # the file a failure is reported against
     try:
-        with Image.open(mask_path) as m:
-            mask = np.asarray(m.convert("RGB"))
+        mask = dl.read_label(mask_path, ("RGB",), "an 8-bit RGB PNG (DeepGlobe's official masks)")
         label, off, ignored = convert_mask(mask)
+        current = image_path
         with Image.open(image_path) as img:
             if img.size != (mask.shape[1], mask.shape[0]):
                 return {"id": tile, "error": f"{Path(image_path).name}: {img.size[0]}x{img.size[1]} but its mask "
@@ -136,7 +136,9 @@ def _convert(job: tuple[str, str, str, str]) -> dict:
         return {"id": tile, "error": None, "off_palette": off, "ignored": ignored,
                 "counts": [int(c) for c in counts[:len(INFO.class_names)]] + [int(counts[255])]}
     except Exception as exc:  # noqa: BLE001  (reported by file name, never a worker traceback)
-        return {"id": tile, "error": f"{Path(mask_path).name}: cannot be converted ({exc})"}
+        if dl.fatal_write_error(exc):
+            raise
+        return {"id": tile, "error": f"{Path(current).name}: cannot be converted ({exc})"}
 
 
 def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, allow_incomplete: bool = False,

@@ -223,6 +223,12 @@ def is_7z(path: Path) -> bool:
     return bool(re.search(r"\.7z(\.0*1)?$", path.name, re.IGNORECASE))
 
 
+def _volumes(path: Path) -> list[Path]:
+    """The volumes of a multi-part 7z given its first one (`x.7z.001`), in order; [path] for a single file."""
+    match = re.search(r"\.7z\.(0*1)$", path.name, re.IGNORECASE)
+    return sorted(path.parent.glob(path.name[: -len(match.group(1))] + "*")) if match else [path]
+
+
 def _open_7z(path: Path):
     import py7zr  # optional dependency: only the Inria archive needs it
 
@@ -243,6 +249,32 @@ def _write_stream(src, out: Path) -> None:
     with open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, CHUNK)
     os.replace(tmp, out)
+
+
+def _extract_7z(sz, archive: Path, target: Path, select, destination, progress: bool) -> list[Path]:
+    """safe_extract's 7z branch: every entry checked, then the selected ones extracted."""
+    names, written = [], []
+    for entry in sz.files:
+        name = _safe_name(entry.filename, archive)
+        if entry.is_symlink or entry.is_junction:
+            _refuse_link(entry.filename, "symbolic link", archive)
+        if entry.is_socket:
+            _refuse_link(entry.filename, "socket", archive)
+        if not entry.is_directory and name and select(name):
+            names.append((entry.filename, name))
+    if names:
+        tmp = target / ".extract.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if progress:
+            print(f"extracting {len(names)} file(s) from {archive.name} ...", file=sys.stderr)
+        sz.extract(path=tmp, targets=[n for n, _ in names])
+        for original, name in names:
+            out = destination(name)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / original, out)
+            written.append(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
 
 
 def safe_extract(archive: str | Path, target: str | Path, *, select: Callable[[str], bool] | None = None,
@@ -284,33 +316,21 @@ def safe_extract(archive: str | Path, target: str | Path, *, select: Callable[[s
         return written
     if is_7z(archive):
         try:
-            sz, _parts = _open_7z(archive)
+            import py7zr
         except ImportError:
             raise DatasetError(f"{archive.name} is a 7z archive and py7zr is not installed; "
                                "`pip install -r requirements.txt`") from None
-        with sz:
-            names = []
-            for entry in sz.files:
-                name = _safe_name(entry.filename, archive)
-                if entry.is_symlink or entry.is_junction:
-                    _refuse_link(entry.filename, "symbolic link", archive)
-                if entry.is_socket:
-                    _refuse_link(entry.filename, "socket", archive)
-                if not entry.is_directory and name and select(name):
-                    names.append((entry.filename, name))
-            if names:
-                tmp = target / ".extract.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                if progress:
-                    print(f"extracting {len(names)} file(s) from {archive.name} ...", file=sys.stderr)
-                sz.extract(path=tmp, targets=[n for n, _ in names])
-                for original, name in names:
-                    out = destination(name)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp / original, out)
-                    written.append(out)
-                shutil.rmtree(tmp, ignore_errors=True)
-        return written
+        try:
+            sz, _parts = _open_7z(archive)
+            with sz:
+                return _extract_7z(sz, archive, target, select, destination, progress)
+        except (OSError, EOFError, ValueError, KeyError, RuntimeError, py7zr.exceptions.ArchiveError) as exc:
+            if isinstance(exc, DatasetError) or fatal_write_error(exc):
+                raise
+            present = ", ".join(p.name for p in _volumes(archive))
+            raise DatasetError(f"{archive.name} cannot be read ({str(exc)[:120] or exc.__class__.__name__}): a 7z "
+                               f"volume is missing or truncated (present: {present}); download the volumes "
+                               "again") from None
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
             members = []
@@ -334,17 +354,28 @@ def safe_extract(archive: str | Path, target: str | Path, *, select: Callable[[s
     raise DatasetError(f"{archive} is not a zip, tar or 7z archive; pass the archive or the extracted folder")
 
 
+def archive_md5(archive: Path, progress: bool = True) -> str:
+    """The content checksum of an archive; of all its volumes, in order, for a multi-part 7z."""
+    parts = _volumes(Path(archive))
+    if len(parts) == 1:
+        return file_md5(parts[0], progress)
+    return hashlib.md5("".join(file_md5(p, progress) for p in parts).encode()).hexdigest()
+
+
 def extract_once(archive: Path, target: Path, *, select: Callable[[str], bool] | None = None,
                  progress: bool = True) -> Path:
-    """safe_extract into `target` unless a marker says this archive (same size and mtime) was extracted there."""
+    """safe_extract into an emptied `target` unless its marker holds this archive's content checksum: a changed
+    archive of the same name is never extracted over stale files."""
     archive = Path(archive)
-    st = archive.stat()
-    marker = target / f".extracted-{archive.name}.json"
-    stamp = {"archive": archive.name, "size": st.st_size, "mtime": int(st.st_mtime)}
+    if not archive.is_file():
+        raise DatasetError(f"archive {archive} does not exist; check --source")
+    marker = target / ".extracted.json"
+    stamp = {"archive": archive.name, "md5": archive_md5(archive, progress)}
     if marker.is_file():
         with contextlib.suppress(ValueError):
             if json.loads(marker.read_text()) == stamp:
                 return target
+    shutil.rmtree(target, ignore_errors=True)
     safe_extract(archive, target, select=select, progress=progress)
     marker.write_text(json.dumps(stamp))
     return target
@@ -376,7 +407,53 @@ def source_path(source: str | Path, name: str) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
         raise DatasetError(f"--source {path} does not exist; pass the {name} archive or its extracted folder")
+    if not (path.is_file() or path.is_dir()):
+        raise DatasetError(f"--source {path} is not a regular file or folder (a device, fifo or socket"
+                           f"{' behind a symbolic link' if path.is_symlink() else ''}); pass the {name} archive or its "
+                           "extracted folder")
     return path
+
+
+# the PIL modes label files arrive in, as a reader would name them
+MODE_TEXT = {"1": "1-bit", "L": "8-bit greyscale", "P": "8-bit palette", "RGB": "8-bit RGB", "RGBA": "RGB with alpha",
+             "LA": "greyscale with alpha", "I;16": "16-bit", "I;16B": "16-bit", "I": "32-bit integer",
+             "F": "32-bit float", "CMYK": "CMYK"}
+
+
+def read_label(path: Path, modes: tuple[str, ...], expected: str) -> np.ndarray:
+    """A label file as an array, only in its dataset's official format (PIL `modes`): anything else (16-bit,
+    greyscale where RGB is official, alpha) is refused naming the file and what was expected, never converted."""
+    with Image.open(path) as img:
+        if img.mode not in modes:
+            raise ValueError(f"{Path(path).name}: {MODE_TEXT.get(img.mode, img.mode)} ({img.mode}) label file, "
+                             f"expected {expected}")
+        return np.asarray(img)
+
+
+def fatal_write_error(exc: BaseException) -> bool:
+    """A failure to write (full disk, read-only or forbidden folder): the run stops with it, never blamed on one
+    source file."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                      errno.EPERM)
+
+
+def tile_index(entries: Iterable[tuple[str, str, Path]], root: Path) -> dict[str, dict[str, Path]]:
+    """id -> {kind: path} from (id, kind, path) entries; an id with two files of one kind (a backup folder beside
+    the official one) is refused with the list of duplicates, never first-found-wins."""
+    found: dict[str, dict[str, Path]] = {}
+    duplicates = []
+    for tile, kind, path in entries:
+        if kind in found.setdefault(tile, {}):
+            duplicates.append(f"{found[tile][kind].relative_to(root)} and {Path(path).relative_to(root)}")
+        else:
+            found[tile][kind] = Path(path)
+    if duplicates:
+        head = "; ".join(duplicates[:4]) + (f"; and {len(duplicates) - 4} more" if len(duplicates) > 4 else "")
+        raise DatasetError(f"{root} holds {len(duplicates)} tile(s) twice: {head}; keep one copy of each (move "
+                           "backups out of the source) and run again")
+    return found
 
 
 def load_split_lists(name: str, split_lists: Mapping[str, Iterable[str]] | str | Path | None) -> dict[str, list[str]]:
@@ -441,9 +518,12 @@ def save_png(array: np.ndarray | Image.Image, path: Path, compress_level: int = 
     """Lossless PNG written to a temporary name then renamed (never a truncated file under the final name)."""
     img = array if isinstance(array, Image.Image) else Image.fromarray(array)
     tmp = path.with_name(path.name + ".tmp")
-    # zlib level 1 with the RLE strategy: ~15% faster than the default strategy and no larger on imagery
-    img.save(tmp, format="PNG", compress_level=compress_level, compress_type=zlib.Z_RLE)
-    os.replace(tmp, path)
+    try:
+        # zlib level 1 with the RLE strategy: ~15% faster than the default strategy and no larger on imagery
+        img.save(tmp, format="PNG", compress_level=compress_level, compress_type=zlib.Z_RLE)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_pool(fn: Callable, jobs: list, workers: int, desc: str, progress: bool) -> list:

@@ -10,8 +10,10 @@ n_class 2); the 2-class mIoU is reported next to it.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +49,7 @@ def _wanted(name: str) -> bool:
 
 def find_tiles(root: Path) -> dict[str, dict[str, Path]]:
     """id -> {'image': train/images/<id>.tif, 'mask': train/gt/<id>.tif} anywhere under root."""
-    found: dict[str, dict[str, Path]] = {}
+    entries = []
     for folder, _dirs, files in sorted(os.walk(root)):
         folder_path = Path(folder)
         if folder_path.name not in ("images", "gt"):
@@ -56,8 +58,8 @@ def find_tiles(root: Path) -> dict[str, dict[str, Path]]:
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             if ext.lower() in (".tif", ".tiff") and _CITY_ID.match(stem):
-                found.setdefault(stem, {}).setdefault(kind, folder_path / name)
-    return found
+                entries.append((stem, kind, folder_path / name))
+    return dl.tile_index(entries, Path(root))
 
 
 def download_parts(raw: Path, *, base_url: str = BASE_URL, part_sizes=PART_SIZES, verify_tls: bool = True,
@@ -83,14 +85,21 @@ def download_parts(raw: Path, *, base_url: str = BASE_URL, part_sizes=PART_SIZES
 
 
 def inner_zip(archive: Path, raw: Path, zip_md5: str | None, progress: bool, problems: list[str]) -> Path:
-    """Extract NEW2-AerialImageDataset.zip from the (multi-part) 7z once; check its md5."""
+    """Extract NEW2-AerialImageDataset.zip from the (multi-part) 7z, once per archive content (a marker holds the
+    7z's checksum, so another --source is extracted anew); check its md5."""
     target = raw / INNER_ZIP
-    if not target.is_file():
+    marker = raw / f"{INNER_ZIP}.source.json"
+    stamp = {"archive": archive.name, "md5": dl.archive_md5(archive, progress)}
+    if not target.is_file() or not marker.is_file() or json.loads(marker.read_text() or "{}") != stamp:
+        target.unlink(missing_ok=True)
         tmp = raw / "inner.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         files = dl.safe_extract(archive, tmp, select=lambda n: n.endswith(".zip"), progress=progress)
         if not files:
             raise DatasetError(f"{archive.name} holds no zip (expected {INNER_ZIP}); check the archive")
         os.replace(files[0], target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        marker.write_text(json.dumps(stamp))
     if zip_md5:
         got = dl.file_md5(target, progress)
         if got != zip_md5.lower():
@@ -100,14 +109,14 @@ def inner_zip(archive: Path, raw: Path, zip_md5: str | None, progress: bool, pro
 
 def _convert(job: tuple[str, str, str, str]) -> dict:
     tile, image_path, mask_path, out_dir = job
+    current = mask_path  # the file a failure is reported against
     try:
-        with Image.open(mask_path) as m:
-            if m.mode == "1":  # bilevel TIFF: True = building
-                gt = np.asarray(m, dtype=np.uint8) * np.uint8(255)
-            else:
-                gt = np.asarray(m if m.mode == "L" else m.convert("L"))
+        gt = dl.read_label(mask_path, ("L", "1"), "an 8-bit single-channel 0/255 TIFF (Inria's official gt)")
+        if gt.dtype == bool:  # bilevel TIFF: True = building
+            gt = gt.astype(np.uint8) * np.uint8(255)
         label = (gt >= 128).view(np.uint8)
         off = int(np.count_nonzero((gt != 0) & (gt != 255)))
+        current = image_path
         with Image.open(image_path) as img:
             if img.size != (gt.shape[1], gt.shape[0]):
                 return {"id": tile, "error": f"{Path(image_path).name}: {img.size[0]}x{img.size[1]} but its gt is "
@@ -117,7 +126,9 @@ def _convert(job: tuple[str, str, str, str]) -> dict:
         building = int(np.count_nonzero(label))
         return {"id": tile, "error": None, "off_values": off, "counts": [label.size - building, building]}
     except Exception as exc:  # noqa: BLE001  (reported by file name)
-        return {"id": tile, "error": f"{Path(mask_path).name}: cannot be converted ({exc})"}
+        if dl.fatal_write_error(exc):
+            raise
+        return {"id": tile, "error": f"{Path(current).name}: cannot be converted ({exc})"}
 
 
 def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, allow_incomplete: bool = False,

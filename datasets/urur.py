@@ -97,11 +97,11 @@ def convert_label(array: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _convert(job: tuple[str, str, str, str]) -> dict:
     tile, image_path, label_path, out_dir = job
+    current = label_path  # the file a failure is reported against
     try:
-        with Image.open(label_path) as lab:
-            raw = np.asarray(lab.convert("RGB") if lab.mode in ("RGB", "RGBA") else
-                             (lab if lab.mode in ("L", "P") else lab.convert("L")))
+        raw = dl.read_label(label_path, ("RGB", "L", "P"), "an 8-bit RGB colour or single-channel index PNG")
         label, off = convert_label(raw)
+        current = image_path
         with Image.open(image_path) as img:
             if img.size != (label.shape[1], label.shape[0]):
                 return {"id": tile, "error": f"{Path(image_path).name}: {img.size[0]}x{img.size[1]} but its label "
@@ -111,7 +111,9 @@ def _convert(job: tuple[str, str, str, str]) -> dict:
         counts = np.bincount(label.ravel(), minlength=256)
         return {"id": tile, "error": None, "off": off, "counts": [int(c) for c in counts[:8]] + [int(counts[255])]}
     except Exception as exc:  # noqa: BLE001
-        return {"id": tile, "error": f"{Path(label_path).name}: cannot be converted ({exc})"}
+        if dl.fatal_write_error(exc):
+            raise
+        return {"id": tile, "error": f"{Path(current).name}: cannot be converted ({exc})"}
 
 
 def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, allow_incomplete: bool = False,

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from datasets.base import DatasetError
+
 
 class ConfusionMatrix:
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu") -> None:
@@ -28,8 +30,8 @@ class ConfusionMatrix:
         target, prediction = target[valid], prediction[valid]
         if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
             bad = target[(target < 0) | (target >= self.num_classes)][0].item()
-            raise ValueError(f"label value {bad} is neither a class id < {self.num_classes} nor ignore "
-                             f"({self.ignore_index}); re-run prepare for this dataset")
+            raise DatasetError(f"label value {bad} is neither a class id < {self.num_classes} nor ignore "
+                               f"({self.ignore_index}); re-run prepare for this dataset")
         index = target * self.num_classes + prediction
         self.matrix += torch.bincount(index, minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
 

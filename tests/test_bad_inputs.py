@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 
@@ -31,7 +32,7 @@ def run(*args):
 
 def one_line(result, *fragments):
     assert result.exit_code != 0 and "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line and "/s]" not in line]  # no progress bars
+    lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip() and "/s]" not in line]  # no bars
     assert len(lines) == 1, result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -258,3 +259,177 @@ def test_unexpected_error_is_one_line_with_the_log_and_debug_shows_it(monkeypatc
     assert "ZeroDivisionError" in open(log).read() and log.startswith(str(tmp_path / "logs"))
     debug = CliRunner().invoke(cli, ["--debug", "config", "--dataset", "synthetic", "--method", "global"])
     assert isinstance(debug.exception, ZeroDivisionError)
+
+
+# -- raw data -----------------------------------------------------------------------------------------------------
+
+DG_SPLITS = {"train": ["100694", "102122"], "val": ["107781"], "test": ["114577"]}
+DG_IDS = [i for ids in DG_SPLITS.values() for i in ids]
+INRIA_SPLITS = {"train": ["austin1", "austin2"], "val": ["chicago1"], "test": ["kitsap1"]}
+
+
+def _deepglobe(out, source, **kw):
+    from datasets import deepglobe
+
+    return deepglobe.prepare(out, source, tile_size=64, split_lists=DG_SPLITS, workers=1, progress=False, **kw)
+
+
+def _rewrite_zip(src, dst, change):
+    """Copy a zip, letting change(name, data) return new bytes (None drops the entry) and add entries."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = change(item.filename, zin.read(item.filename))
+            if data is not None:
+                zout.writestr(item.filename, data)
+
+
+def test_changed_archive_of_the_same_name_is_extracted_afresh(tmp_path):
+    from datasets_fixtures import deepglobe_zip
+
+    source = tmp_path / "src" / "deepglobe.zip"
+    source.parent.mkdir()
+    deepglobe_zip(source, DG_IDS)
+    out = tmp_path / "data" / "deepglobe"
+    _deepglobe(out, source)
+    # the same name, now without one tile: no stale extraction fills the gap, the tile is reported missing
+    smaller = tmp_path / "smaller.zip"
+    _rewrite_zip(source, smaller, lambda name, data: None if name.startswith("train/102122") else data)
+    os.replace(smaller, source)
+    with pytest.raises(Exception, match="102122"):
+        _deepglobe(out, source, force=True)
+    extracted = tmp_path / "data" / "raw" / "deepglobe" / f"extracted-{source.name}"
+    assert not list(extracted.rglob("102122_*"))
+
+
+def test_duplicate_tile_ids_in_a_source_are_refused_with_the_list(tmp_path):
+    from datasets_fixtures import deepglobe_zip
+
+    from datasets.base import DatasetError
+
+    source = tmp_path / "deepglobe.zip"
+    deepglobe_zip(source, DG_IDS)
+    folder = tmp_path / "extracted"
+    import zipfile
+
+    zipfile.ZipFile(source).extractall(folder)
+    (folder / "aaa_backup").mkdir()
+    shutil.copy(folder / "train" / "100694_sat.jpg", folder / "aaa_backup" / "100694_sat.jpg")
+    with pytest.raises(DatasetError, match=r"holds 1 tile\(s\) twice: aaa_backup/100694_sat.jpg and "
+                                           r"train/100694_sat.jpg; keep one copy"):
+        _deepglobe(tmp_path / "data" / "deepglobe", folder)
+
+
+@pytest.mark.parametrize(("mode", "described"), [("L", "8-bit greyscale (L)"), ("RGBA", "RGB with alpha (RGBA)"),
+                                                  ("I;16", "16-bit (I;16)")])
+def test_mask_in_another_format_is_an_error_naming_file_and_expected(tmp_path, mode, described):
+    from datasets_fixtures import deepglobe_zip
+
+    from datasets.base import DatasetError
+
+    source = tmp_path / "deepglobe.zip"
+    deepglobe_zip(source, DG_IDS)
+    folder = tmp_path / "extracted"
+    import zipfile
+
+    zipfile.ZipFile(source).extractall(folder)
+    mask = folder / "train" / "100694_mask.png"
+    rgb = np.asarray(Image.open(mask))
+    image = {"L": lambda: Image.fromarray(rgb[..., 0]), "RGBA": lambda: Image.fromarray(
+        np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])),
+        "I;16": lambda: Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}[mode]()
+    image.save(mask)
+    with pytest.raises(DatasetError, match=rf"100694_mask.png: {re.escape(described)} label file, expected an "
+                                           r"8-bit RGB PNG"):
+        _deepglobe(tmp_path / "data" / "deepglobe", folder)
+
+
+def test_truncated_image_is_reported_as_the_image_not_its_mask(tmp_path):
+    from datasets_fixtures import deepglobe_zip
+
+    from datasets.base import DatasetError
+
+    source = tmp_path / "deepglobe.zip"
+    deepglobe_zip(source, DG_IDS)
+    folder = tmp_path / "extracted"
+    import zipfile
+
+    zipfile.ZipFile(source).extractall(folder)
+    image = folder / "train" / "102122_sat.jpg"
+    image.write_bytes(image.read_bytes()[:400])
+    with pytest.raises(DatasetError) as info:
+        _deepglobe(tmp_path / "data" / "deepglobe", folder)
+    assert "102122_sat.jpg" in str(info.value) and "102122_mask.png" not in str(info.value)
+
+
+def test_missing_7z_volume_is_one_line_naming_the_volumes(tmp_path):
+    from datasets_fixtures import inria_7z_parts, inria_inner_zip
+
+    from datasets import inria
+
+    inner, _ = inria_inner_zip([i for ids in INRIA_SPLITS.values() for i in ids])
+    parts = inria_7z_parts(tmp_path / "src", inner)
+    parts[2].unlink()
+    params = tiny_params(tmp_path, tmp_path / "data")
+    line = one_line(run("prepare", "--dataset", "inria", "--source", str(parts[0]), "--params", str(params)),
+                    "aerialimagelabeling.7z.001 cannot be read", "a 7z volume is missing or truncated",
+                    "download the volumes again")
+    assert "7z.003" not in line.split("present:")[1]
+    assert inria.INNER_ZIP  # the module under test
+
+
+def test_inner_zip_is_extracted_again_for_another_source(tmp_path):
+    from datasets_fixtures import inria_7z_parts, inria_inner_zip
+
+    from datasets import inria
+
+    ids = [i for ids in INRIA_SPLITS.values() for i in ids]
+    first, _ = inria_inner_zip(ids, seed=0)
+    second, _ = inria_inner_zip(ids, seed=1)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    got = []
+    for n, inner in enumerate((first, second)):
+        parts = inria_7z_parts(tmp_path / f"src{n}", inner)
+        got.append(inria.inner_zip(parts[0], raw, None, False, []).read_bytes())
+    assert got == [first, second]
+
+
+def test_source_that_is_a_link_to_a_device_says_so(tmp_path):
+    link = tmp_path / "source.zip"
+    link.symlink_to("/dev/null")
+    params = tiny_params(tmp_path, tmp_path / "data")
+    one_line(run("prepare", "--dataset", "deepglobe", "--source", str(link), "--params", str(params)),
+             "is not a regular file or folder", "behind a symbolic link")
+
+
+def test_label_id_outside_the_class_range_is_one_line(tmp_path, tiny_synthetic, mlflow_store):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, data)
+    params = tiny_params(tmp_path, data, iterations=2)
+    train_module.train(load_config(params), "synthetic", "global")
+    name = (data / "synthetic" / "splits" / "test.txt").read_text().split()[0]
+    path = data / "synthetic" / "labels" / f"{name}.png"
+    label = np.array(Image.open(path))
+    label[0, 0] = 9
+    Image.fromarray(label).save(path)
+    one_line(run("evaluate", "--dataset", "synthetic", "--method", "global", "--params", str(params)),
+             "label value 9 is neither a class id", "re-run prepare")
+
+
+def test_full_disk_while_converting_is_one_line_not_blamed_on_a_source_file(tmp_path, monkeypatch):
+    from datasets_fixtures import deepglobe_zip
+
+    source = tmp_path / "deepglobe.zip"
+    deepglobe_zip(source, DG_IDS)
+
+    def full(self, fp, *args, **kwargs):
+        open(fp, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError) as info:  # stops the run; the CLI prints it as one line (os_error_line)
+        _deepglobe(tmp_path / "data" / "deepglobe", source)
+    assert info.value.errno == errno.ENOSPC and "free disk space" in os_error_line(info.value)
+    assert not list((tmp_path / "data").rglob("*.tmp"))

@@ -129,17 +129,17 @@ def _wanted(name: str) -> bool:
 
 def find_pairs(root: Path) -> dict[str, dict[str, dict[str, Path]]]:
     """split -> id -> {'image', 'label'} from leftImg8bit/<split>/<city>/ and gtFine/<split>/<city>/."""
-    found: dict[str, dict[str, dict[str, Path]]] = {s: {} for s in ("train", "val")}
+    entries: dict[str, list] = {s: [] for s in ("train", "val")}
     for folder, _dirs, files in sorted(os.walk(root)):
         path = Path(folder)
-        if path.parent.name not in found or path.parent.parent.name not in ("leftImg8bit", "gtFine"):
+        if path.parent.name not in entries or path.parent.parent.name not in ("leftImg8bit", "gtFine"):
             continue
         for name in sorted(files):
             match = _IMAGE.match(name) or _LABEL.match(name)
             if match:
                 kind = "image" if name.endswith("_leftImg8bit.png") else "label"
-                found[path.parent.name].setdefault(match["id"], {}).setdefault(kind, path / name)
-    return found
+                entries[path.parent.name].append((match["id"], kind, path / name))
+    return {split: dl.tile_index(found, Path(root)) for split, found in entries.items()}
 
 
 def _convert(job: tuple[str, str, str, str]) -> dict:
@@ -196,7 +196,7 @@ def prepare(out_dir: Path, source: Path | None = None, *, force: bool = False, a
         for name in PACKAGES:
             if name not in names:
                 problems.append(f"{name}: missing next to {zips[0].name}")
-        root = raw / "extracted"
+        root = raw / "unzipped"  # (not the older shared `extracted/`, whose copies would count as duplicates)
         for archive in zips:  # one folder each: extract_once empties its folder for a changed archive
             dl.extract_once(archive, root / archive.stem, select=_wanted, progress=progress)
     else:

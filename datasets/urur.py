@@ -62,16 +62,15 @@ def _wanted(name: str) -> bool:
 
 
 def find_pairs(root: Path) -> dict[str, dict[str, dict[str, Path]]]:
-    found: dict[str, dict[str, dict[str, Path]]] = {s: {} for s in SPLITS}
+    entries: dict[str, list] = {s: [] for s in SPLITS}
     for folder, _dirs, files in sorted(os.walk(root)):
         rel = Path(folder).relative_to(root).parts
         for name in sorted(files):
             hit = _classify(("", "", *rel, name)[-3:])
             if hit:
                 split, kind = hit
-                tile = _SUFFIX.sub("", os.path.splitext(name)[0])
-                found[split].setdefault(tile, {}).setdefault(kind, Path(folder) / name)
-    return found
+                entries[split].append((_SUFFIX.sub("", os.path.splitext(name)[0]), kind, Path(folder) / name))
+    return {split: dl.tile_index(found, Path(root)) for split, found in entries.items()}
 
 
 _PALETTE = np.asarray(INFO.palette, np.int32)

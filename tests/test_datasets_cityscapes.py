@@ -45,7 +45,8 @@ def test_download_route_end_to_end(tmp_path, monkeypatch):
     assert image.shape == (3, 32, 64) and label.shape == (32, 64)
     for path in [*out.rglob("*.json"), *out.rglob("*.txt"), *(tmp_path / "data" / "raw").rglob("*.json")]:
         assert "pa55word" not in path.read_text()
-    assert not (tmp_path / "data" / "raw" / "cityscapes" / "extracted" / "gtFine" / "test").exists()
+    unzipped = tmp_path / "data" / "raw" / "cityscapes" / "unzipped" / "gtFine_trainvaltest" / "gtFine"
+    assert (unzipped / "train").is_dir() and not (unzipped / "test").exists()  # the test split is not extracted
 
 
 def test_wrong_password_and_missing_credentials(tmp_path, monkeypatch):

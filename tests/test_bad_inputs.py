@@ -433,3 +433,16 @@ def test_full_disk_while_converting_is_one_line_not_blamed_on_a_source_file(tmp_
         _deepglobe(tmp_path / "data" / "deepglobe", source)
     assert info.value.errno == errno.ENOSPC and "free disk space" in os_error_line(info.value)
     assert not list((tmp_path / "data").rglob("*.tmp"))
+
+
+def test_checkpointing_during_training_does_not_change_the_result(tmp_path, tiny_synthetic, mlflow_store):
+    finals = []
+    for every in (0, 1):
+        folder = tmp_path / f"every{every}"
+        folder.mkdir()
+        params = params_with(folder, tiny_synthetic, iterations=3, checkpoint_every=every)
+        raw = yaml.safe_load(params.read_text())
+        raw["train"]["deterministic"] = True
+        params.write_text(yaml.safe_dump(raw))
+        finals.append(load_checkpoint(train_module.train(load_config(params), "synthetic", "global"))["model"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

@@ -40,9 +40,12 @@ class LoadReport:
         return "; ".join(parts) or f"all {len(self.loaded)} tensors loaded"
 
 
-# ImageNet statistics on the 0-255 scale (the mmseg / timm convention all upstream methods use).
+# ImageNet statistics on the 0-255 scale (the mmseg / timm convention most upstream configs use).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+# Input normalisation is a keyword of every method (build_method applies it), because upstream configs set it per
+# dataset (RUE's DeepGlobe statistics): params.yaml `methods.<m>.datasets.<d>.model` holds those, with provenance.
+NORMALIZATION_KEYWORDS = ("pixel_mean", "pixel_std")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class UHRMethod(nn.Module):
     # published rows this method fills: row name in docs/published/tables.yaml -> the knob settings of that row
     published: ClassVar[dict[str, dict]] = {}
     param_counts: ClassVar[tuple[ParamCount, ...]] = ()  # from the spec, checked by tests/test_contract.py
+    # default input normalisation (mean, std) per RGB channel on the 0-255 scale: x -> (x - mean) / std
+    pixel_stats: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (IMAGENET_MEAN, IMAGENET_STD)
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         super().__init__()
@@ -140,11 +145,22 @@ class UHRMethod(nn.Module):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.phase: str | None = None  # the training phase forward_train runs (set_phase)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(self.pixel_stats[0]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.pixel_stats[1]).view(1, 3, 1, 1), persistent=False)
+
+    def set_normalization(self, mean=None, std=None) -> None:
+        """Per-channel RGB statistics on the 0-255 scale (None keeps the current ones)."""
+        for name, values in (("pixel_mean", mean), ("pixel_std", std)):
+            if values is None:
+                continue
+            values = [float(v) for v in values]
+            if len(values) != 3 or (name == "pixel_std" and min(values) <= 0):
+                raise MethodError(f"{self.name}: {name} must be 3 numbers (RGB, 0-255 scale)"
+                                  f"{', all positive' if name == 'pixel_std' else ''}, got {values}")
+            getattr(self, name).copy_(torch.tensor(values).view(1, 3, 1, 1))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (or 0-255 float) RGB -> ImageNet-normalised float."""
+        """uint8 (or 0-255 float) RGB -> (x - pixel_mean) / pixel_std."""
         return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -273,11 +289,14 @@ def display_name(name: str) -> str:
 def build_method(name: str, num_classes: int, **cfg) -> UHRMethod:
     """Build a registered method; unknown config keys are an error, never silently ignored."""
     cls = method_class(name)
+    stats = {key: cfg.pop(key) for key in NORMALIZATION_KEYWORDS if key in cfg}
     try:
-        return cls(num_classes=num_classes, **cfg)
+        model = cls(num_classes=num_classes, **cfg)
     except TypeError as exc:
         raise MethodError(f"method '{cls.name}': bad config ({exc}); "
                           f"check methods.{cls.name}.model in params.yaml") from exc
+    model.set_normalization(stats.get("pixel_mean"), stats.get("pixel_std"))
+    return model
 
 
 def list_methods() -> dict[str, str]:

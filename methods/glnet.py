@@ -70,7 +70,6 @@ class FeatureCanvas:
 # The method
 
 GLOBAL, G2L, L2G = "global", "global2local", "local2global"
-INPUT_NORMS = ("unit", "half", "imagenet")
 RELEASE_FILES = {G2L: "fpn_deepglobe_global2local.pth", L2G: "fpn_deepglobe_local2global.pth",
                  GLOBAL: "fpn_deepglobe_global.pth"}  # §8; l2g before global: "global.pth" ends both
 
@@ -84,17 +83,17 @@ class GLNet(UHRMethod):
     name = "glnet"
     description = "GLNet: global + local ResNet-50 FPN branches sharing features, 3-phase training (CVPR 2019)"
     published = {"GLNet": {}}
+    # upstream feeds torchvision's ToTensor() output (x / 255, no mean subtraction; §3.1)
+    pixel_stats = ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
     # spec §7: the upstream `fpn` module's tensors, and the parameters inference uses (7 classes)
     param_counts = (ParamCount("spec §7", named={"checkpoint": 79_200_917, "inference": 102_741_212}),)
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool | str = False,
                  global_size: int = 508, patch_size: int = 508, min_overlap: int = 50, patch_batch: int = 6,
                  train_patch_batch: int = 6, fmreg: float = 0.15, focal_gamma: float = 3.0,
-                 input_norm: str = "unit", l2g_coverage: str = "exact", grad_checkpoint: bool = True,
+                 l2g_coverage: str = "exact", grad_checkpoint: bool = True,
                  offload_features: bool = False, head_width: int = WIDTH, ignore_index: int = 255) -> None:
         super().__init__(num_classes, ignore_index)
-        if input_norm not in INPUT_NORMS:
-            raise MethodError(f"glnet: input_norm must be one of {', '.join(INPUT_NORMS)}, got '{input_norm}'")
         if l2g_coverage not in ("exact", "upstream"):
             raise MethodError(f"glnet: l2g_coverage must be exact or upstream, got '{l2g_coverage}'")
         if min(global_size, patch_size, patch_batch, train_patch_batch) < 1:
@@ -104,7 +103,7 @@ class GLNet(UHRMethod):
         self.global_size, self.patch_size, self.min_overlap = global_size, patch_size, min_overlap
         self.patch_batch, self.train_patch_batch = patch_batch, train_patch_batch
         self.fmreg, self.focal_gamma = fmreg, focal_gamma
-        self.input_norm, self.l2g_coverage = input_norm, l2g_coverage
+        self.l2g_coverage = l2g_coverage
         self.grad_checkpoint, self.offload_features = grad_checkpoint, offload_features
 
         # Upstream attribute names (§8), so a released state dict maps key for key.
@@ -177,13 +176,9 @@ class GLNet(UHRMethod):
     # ---- building blocks ----------------------------------------------------------------------------
 
     def _to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """0-255 RGB -> network input. Upstream's release feeds ToTensor() output in [0, 1] (§3.1);
-        'half' is its pre-1bd67ff Normalize(0.5, 0.5) (§10.1 #5); 'imagenet' a documented deviation."""
-        x = images.to(self.pixel_mean.dtype)
-        if self.input_norm == "imagenet":
-            return self.normalize(x)
-        x = x / 255.0
-        return (x - 0.5) / 0.5 if self.input_norm == "half" else x
+        """0-255 RGB -> network input: (x - pixel_mean) / pixel_std, by default x / 255 as upstream's ToTensor()
+        (§3.1); pixel_mean = pixel_std = 127.5 is its pre-1bd67ff Normalize(0.5, 0.5) (§10.1 #5)."""
+        return self.normalize(images)
 
     def _global_input(self, images: torch.Tensor) -> torch.Tensor:
         """The whole image resized to global_size², like PIL's antialiased bilinear resize to uint8 (§4.3)."""

@@ -159,8 +159,17 @@ class MeasureBlock(_Block):
     sweep: list[PositiveInt] = [1024, 2048, 2448, 4096, 5000, 8192]
 
 
+class DatasetConventions(_Block):
+    """What the method's upstream config fixes for one dataset, for every profile: input normalisation, head
+    constants. `source` says where each value comes from (upstream file and commit), or that none exists."""
+
+    source: str
+    model: dict[str, Any] = {}
+
+
 class MethodBlock(_Block):
     model: dict[str, Any] = {}
+    datasets: dict[str, DatasetConventions] = {}
     recipes: dict[Literal["smoke", "paper"], dict[str, Any]] = {}
 
 
@@ -191,6 +200,7 @@ def constructor_keywords(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(defaults, type hints) of method `name`'s constructor keywords (num_classes and ignore_index aside),
     following `**kwargs` up to the parent that takes them (the DeepLabv3 baselines)."""
     from methods import UHRMethod, method_class
+    from methods.base import NORMALIZATION_KEYWORDS
 
     params: dict[str, inspect.Parameter] = {}
     hints: dict[str, Any] = {}
@@ -211,6 +221,10 @@ def constructor_keywords(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
             break
     defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    # every method's input normalisation (build_method applies it), defaulting to the class's statistics
+    klass = method_class(name)
+    for key, value in zip(NORMALIZATION_KEYWORDS, klass.pixel_stats, strict=True):
+        defaults[key], hints[key] = list(value), tuple[float, float, float]
     return defaults, hints
 
 

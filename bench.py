@@ -181,10 +181,13 @@ def train(dataset: str, method: str, device: str, nproc: int, params: str | None
 @click.option("--method", required=True)
 @click.option("--split", default=None, help="default: evaluate.split in params.yaml")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--official", default=None, metavar="PATH",
+              help="score an upstream release's checkpoint (the official code's layout) instead of ours; the model "
+                   "is built with the method's configuration for this dataset (variant 'official')")
 @click.option("--params", default=None, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @one_line_errors
-def evaluate(dataset: str, method: str, split: str | None, device: str, params: str | None,
+def evaluate(dataset: str, method: str, split: str | None, device: str, official: str | None, params: str | None,
              overrides: tuple[str, ...]) -> None:
     """Score a trained method on a split (mIoU, per-class IoU, pixel accuracy)."""
     from methods import resolve_method_name
@@ -192,7 +195,7 @@ def evaluate(dataset: str, method: str, split: str | None, device: str, params: 
 
     config = _config(params, overrides)
     name = resolve_method_name(method)
-    result = run(config, dataset, name, split, device, config.model_overrides(name))
+    result = run(config, dataset, name, split, device, config.model_overrides(name), official=official)
     if result:  # under torchrun only rank 0 has the scores
         click.echo(f"{name} on {dataset}/{result['split']}: mIoU {100 * result['miou']:.2f} "
                    f"(pixel accuracy {100 * result['pixel_accuracy']:.2f})")

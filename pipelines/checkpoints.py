@@ -74,6 +74,29 @@ def load_trained(config: Config, dataset: str, method: str, overrides: dict | No
     return model.to(device).eval(), checkpoint, model_cfg
 
 
+def load_official_model(config: Config, dataset: str, method: str, path: str | Path, overrides: dict | None = None,
+                        device: torch.device | str = "cpu"):
+    """A checkpoint of an upstream release (the official code's file layout) in our model, built with the
+    configuration of (method, dataset) (its upstream conventions, `methods.<m>.datasets.<d>`, included) plus the
+    `--set` keywords; no ImageNet initialisation is fetched, the checkpoint replaces it. Returns what `load_trained`
+    returns; the checkpoint part records where the weights came from."""
+    from datasets import get_dataset
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no official checkpoint at {path}; pass the file (or folder) the upstream release provides")
+    info = get_dataset(dataset).info
+    model_cfg = full_model_config(method, {**config.method_model(method, dataset), **(overrides or {})})
+    for key in ("pretrained", "stdc_pretrained"):  # initialisations the checkpoint overwrites
+        if key in model_cfg:
+            model_cfg[key] = False
+    model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg)
+    model.load_official(str(path))
+    checkpoint = {"profile": config.profile, "params_hash": config.params_hash(method, dataset),
+                  "mlflow_run_id": "", "official_checkpoint": str(path.resolve())}
+    return model.to(device).eval(), checkpoint, model_cfg
+
+
 def describe(config: Config, dataset: str, method: str) -> str:
     """`bench.py config`: the resolved configuration as YAML, with the override order it came from; evaluation and
     measurement show the trained checkpoint's model where one exists."""

@@ -3,9 +3,11 @@
 Override order, lowest first, applied identically by every command (README, "Configuration"):
 1. the method's constructor defaults (code);
 2. `methods.<m>.model`;
-3. `methods.<m>.recipes.<profile>.model` (the profile's recipe for every dataset);
-4. `methods.<m>.recipes.<profile>.datasets.<dataset>.model`;
-5. `--set <m>.<key>=value` (same as `--set methods.<m>.model.<key>=value`): always wins.
+3. `methods.<m>.datasets.<dataset>.model`: the upstream config's conventions for that dataset (input normalisation,
+   head constants), for every profile, with their `source`;
+4. `methods.<m>.recipes.<profile>.model` (the profile's recipe for every dataset);
+5. `methods.<m>.recipes.<profile>.datasets.<dataset>.model`;
+6. `--set <m>.<key>=value` (same as `--set methods.<m>.model.<key>=value`): always wins.
 Recipes merge the same way (profile fields < dataset fields); `use: <name>` (or a list of names) pulls in the named
 blocks of `schedules:` first, so a shared schedule is written once. Every other `--set a.b=c` edits that path of
 params.yaml before anything is resolved. Errors are `ConfigError`s naming the key and the fix; the CLI prints them
@@ -38,8 +40,8 @@ from pipelines.schema import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 PROFILES = ("smoke", "paper")
-OVERRIDE_ORDER = ("code defaults", "methods.<m>.model", "recipes.<profile>.model",
-                  "recipes.<profile>.datasets.<dataset>.model", "--set")
+OVERRIDE_ORDER = ("code defaults", "methods.<m>.model", "methods.<m>.datasets.<dataset>.model",
+                  "recipes.<profile>.model", "recipes.<profile>.datasets.<dataset>.model", "--set")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,10 +180,20 @@ class Config:
         return {k: expand_uses(v, schedules, f"{where}.{k}") if isinstance(v, dict) and k not in RECIPE_FIELDS
                 and k != "model" else v for k, v in out.items()}
 
+    def conventions(self, method: str, dataset: str) -> dict:
+        """`methods.<m>.datasets.<dataset>`: {source, model} of the upstream config for that dataset; a method
+        and dataset without an entry follow the method's defaults, which the source then says."""
+        entry = (self.method_block(method).get("datasets") or {}).get(dataset)
+        if entry is None:
+            return {"source": f"none: methods.{method}.datasets has no '{dataset}' entry (the method's defaults)",
+                    "model": {}}
+        return {"source": entry["source"], "model": copy.deepcopy(entry.get("model") or {})}
+
     def method_model(self, method: str, dataset: str | None = None) -> dict:
-        """Constructor keywords set in params (levels 2-5 of the override order; code defaults not included)."""
+        """Constructor keywords set in params (levels 2-6 of the override order; code defaults not included)."""
         model = copy.deepcopy(self.method_block(method).get("model") or {})
         if dataset is not None:
+            model = deep_merge(model, self.conventions(method, dataset)["model"])
             recipe, _ = self._profile_recipe(method, dataset)
             model = deep_merge(model, (recipe or {}).get("model") or {})
         return deep_merge(model, self.model_sets.get(method, {}))
@@ -251,6 +263,7 @@ class Config:
             "paths": {"data": str(self.data_root / dataset), "checkpoint": str(self.checkpoint_root / dataset / method),
                       "results": str(self.results_root)},
             "dataset_params": self.dataset_params(dataset),
+            "conventions": self.conventions(method, dataset),
             "train": {"model": model, "recipe": recipe, "settings": self.section("train"),
                       "params_hash": self.params_hash(method, dataset)},
             "evaluate": {"model": trained, "settings": self.section("evaluate"), "model_from": source},
@@ -382,6 +395,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"methods.{name}: no registered method of that name; registered: "
                               f"{', '.join(sorted(registered))}")
         check_model(name, block.get("model") or {}, f"methods.{name}.model")
+        for dataset, entry in (block.get("datasets") or {}).items():
+            if dataset not in known_datasets:
+                raise ConfigError(f"methods.{name}.datasets.{dataset}: unknown dataset; registered: "
+                                  f"{', '.join(known_datasets)}")
+            check_model(name, entry.get("model") or {}, f"methods.{name}.datasets.{dataset}.model")
         check_model(name, config.model_sets.get(name, {}), f"--set {name}")
         for profile in block.get("recipes") or {}:
             for dataset in datasets:

@@ -19,7 +19,7 @@ from datasets import PreparedDataset, get_dataset
 from datasets.base import DatasetError, colorize
 from methods import count_parameters, resolve_method_name
 from pipelines import distributed, tracking
-from pipelines.checkpoints import load_trained
+from pipelines.checkpoints import load_official_model, load_trained
 from pipelines.config import Config, variant_label
 from pipelines.metrics import ConfusionMatrix, segmentation_scores
 from pipelines.paths import metrics_file
@@ -39,26 +39,31 @@ def panel(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, pa
 
 
 def evaluate(config: Config, dataset: str, method: str, split: str | None = None, device: str = "auto",
-             overrides: dict | None = None, variant: str | None = None) -> dict:
+             overrides: dict | None = None, variant: str | None = None, official: str | None = None) -> dict:
     """Score a trained method on a split. Under torchrun each rank takes an unpadded share of the
     images and the confusion matrices are summed, so no image is counted twice. `variant` labels the
-    run and its result file (default: from `overrides`, e.g. RUE's `k0.5`; none = the default run)."""
+    run and its result file (default: from `overrides`, e.g. RUE's `k0.5`; none = the default run).
+    `official`: score an upstream release's checkpoint instead of ours (variant `official...`)."""
     method = resolve_method_name(method)
     ctx = distributed.init_distributed(tracking.resolve_device(device))
     try:
-        return _evaluate(config, dataset, method, split, ctx, overrides, variant)
+        return _evaluate(config, dataset, method, split, ctx, overrides, variant, official)
     finally:
         distributed.shutdown(ctx)
 
 
-def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
+def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=None) -> dict:
     eval_cfg = config.section("evaluate")
     split = split or eval_cfg.get("split", "test")
     num_panels = int(eval_cfg.get("num_visualizations", 3))
     tile, overlap = eval_cfg.get("tile_size"), int(eval_cfg.get("tile_overlap", 0) or 0)
     info = get_dataset(dataset).info
     dev = ctx.device
-    model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, dev)
+    if official:
+        model, checkpoint, model_cfg = load_official_model(config, dataset, method, official, overrides, dev)
+        variant = "_".join(v for v in ("official", variant or variant_label(overrides)) if v)
+    else:
+        model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, dev)
     data = PreparedDataset(config.data_root / dataset, split)
     matrix = ConfusionMatrix(info.num_classes, info.ignore_index, dev)
     # the method's secondary outputs (whole images only): logits scored the same way (UHRSNet's "local"),
@@ -110,6 +115,7 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant) -> dict:
         "input_size": sorted(f"{h}x{w}" for h, w in sizes), "tile": f"{tile}/{overlap}" if tile else "whole",
         "processes": ctx.world_size, "eval_seconds": seconds, "model_config": model_cfg,
         "profile": checkpoint["profile"],
+        "weights": checkpoint.get("official_checkpoint", "trained by uhrbench"),
         "versions": {k: env[k] for k in ("torch", "timm", "cuda_compiled", "cudnn", "python")},
         "git_commit": env["git_commit"],
     }

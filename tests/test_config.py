@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from conftest import REPO
@@ -100,3 +101,58 @@ def test_a_wrong_type_in_the_file_names_the_file(tmp_path):
     path.write_text(text)
     out = run("config", "--dataset", "synthetic", "--method", "local", "--params", str(path))
     assert out.exit_code == 1 and "seed" in out.output and "params.yaml" in out.output
+
+
+def test_dataset_conventions_set_normalisation_for_every_profile():
+    """RUE's DeepGlobe config normalises with DeepGlobe's own statistics, not ImageNet's (spec rue §5): the
+    per-dataset layer applies in both profiles, below the recipes, and the built model normalises with it."""
+    from methods import build_method
+
+    for profile in ("smoke", "paper"):
+        config = load_config(overrides=[f"profile={profile}"])
+        model_kw = config.method_model("rue", "deepglobe")
+        assert model_kw["pixel_mean"] == [103.275, 95.888, 70.868], profile
+        assert model_kw["pixel_std"] == [17.122, 11.602, 11.299], profile
+        assert model_kw["suppress_class"] == 0 and model_kw["entropy_divisor"] == 1.946
+    assert "pixel_mean" not in config.method_model("rue", "inria")  # Inria's config: ImageNet, the default
+    assert config.method_model("rue", "inria")["patch_num"] == 20
+    model = build_method("rue", 7, **{k: v for k, v in model_kw.items() if k != "pretrained"})
+    image = torch.full((1, 3, 2, 2), 103.275)
+    image[:, 1], image[:, 2] = 95.888, 70.868
+    assert model.normalize(image).abs().max() < 1e-5
+    # a --set still wins over the dataset layer
+    config = load_config(overrides=["rue.pixel_mean=[0,0,0]"])
+    assert config.method_model("rue", "deepglobe")["pixel_mean"] == [0, 0, 0]
+
+
+def test_bench_config_shows_the_source_of_the_conventions():
+    out = run("config", "--dataset", "deepglobe", "--method", "rue")
+    assert out.exit_code == 0, out.output
+    resolved = yaml.safe_load(out.output)
+    assert "deepglobe_1224x1224.py" in resolved["conventions"]["source"]
+    assert resolved["evaluate"]["model"]["pixel_std"] == [17.122, 11.602, 11.299]
+    out = run("config", "--dataset", "synthetic", "--method", "rue")
+    resolved = yaml.safe_load(out.output)
+    assert resolved["conventions"]["source"].startswith("none")
+    assert resolved["train"]["model"]["pixel_mean"] == [123.675, 116.28, 103.53]  # the method's default
+    out = run("config", "--dataset", "synthetic", "--method", "glnet")
+    assert yaml.safe_load(out.output)["train"]["model"]["pixel_std"] == [255.0, 255.0, 255.0]  # ToTensor()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ("methods.rue.datasets.nowhere={source: x}", "methods.rue.datasets.nowhere: unknown dataset"),
+    ("methods.rue.datasets.inria={model: {patch_num: 4}}", "source: missing"),
+    ("methods.rue.datasets.inria={source: x, model: {pixel_mean: [1, 2]}}", "pixel_mean must be"),
+    ("methods.rue.datasets.inria={source: x, model: {patchnum: 4}}", "unknown key(s) patchnum"),
+])
+def test_bad_dataset_conventions_are_one_line(edit, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[edit])
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_normalisation_value_names_the_fix():
+    from methods import MethodError, build_method
+
+    with pytest.raises(MethodError, match="pixel_std must be 3 numbers"):
+        build_method("isdnet", 7, pixel_std=[1.0, 0.0, 1.0])

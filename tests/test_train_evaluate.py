@@ -144,3 +144,45 @@ def test_multi_phase_training_checkpoints_and_logs_each_phase(tmp_path, tiny_syn
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and sorted(r.data.tags["phase"] for r in children) == sorted(phases)
+
+
+def test_evaluate_scores_an_official_checkpoint_with_the_dataset_conventions(tmp_path, tiny_synthetic, mlflow_store):
+    """`bench.py evaluate --official PATH`: the upstream-layout file is loaded into the model built with the
+    method's configuration for the dataset (its normalisation included), scored, and filed as a labelled variant
+    beside, never over, the default result."""
+    from click.testing import CliRunner
+    from golden.seeded import seed_weights
+
+    from bench import cli
+    from datasets import PreparedDataset, get_dataset
+    from methods import build_method
+    from pipelines.metrics import ConfusionMatrix, segmentation_scores
+
+    params = tiny_params(tmp_path, tiny_synthetic)
+    stats = ["methods.isdnet.datasets.synthetic={source: test, model: {pixel_mean: [90, 100, 110], "
+             "pixel_std: [20, 30, 40]}}"]
+    load_config(params, stats)  # valid as written
+    model = seed_weights(build_method("isdnet", 7), 3).eval()
+    model.save_official(str(tmp_path / "release.pth"))
+    model.set_normalization([90, 100, 110], [20, 30, 40])  # what the dataset layer must give the loaded model
+    matrix = ConfusionMatrix(7, 255, "cpu")
+    data = PreparedDataset(tiny_synthetic / "synthetic", "test")
+    with torch.inference_mode():
+        for index in range(len(data)):
+            image, label, _ = data[index]
+            matrix.update(model.predict(image[None]).argmax(1)[0], label)
+    info = get_dataset("synthetic").info
+    expected = segmentation_scores(matrix.matrix, info.class_names, info.counted_classes)["miou"]
+
+    out = CliRunner().invoke(cli, ["evaluate", "--dataset", "synthetic", "--method", "isdnet", "--params", str(params),
+                                   "--official", str(tmp_path / "release.pth"), "--set", stats[0]])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((tmp_path / "results" / "metrics" / "synthetic" / "isdnet__official.json").read_text())
+    assert saved["variant"] == "official" and saved["weights"] == str((tmp_path / "release.pth").resolve())
+    assert saved["model_config"]["pixel_mean"] == [90, 100, 110]
+    assert saved["miou"] == pytest.approx(expected, abs=1e-12)
+    assert not (tmp_path / "results" / "metrics" / "synthetic" / "isdnet.json").exists()
+
+    out = CliRunner().invoke(cli, ["evaluate", "--dataset", "synthetic", "--method", "isdnet", "--params", str(params),
+                                   "--official", str(tmp_path / "missing.pth")])
+    assert out.exit_code != 0 and "no official checkpoint at" in out.output and "Traceback" not in out.output

@@ -148,3 +148,13 @@ def test_cli_prepare_with_source_force_and_allow_incomplete(tmp_path):
     assert result.exit_code == 1 and "pass --force" in result.output
     result = run(cli, [*base, "--allow-incomplete", "--force"])
     assert result.exit_code == 0, result.output
+
+
+def test_convert_mask_threshold_is_at_128_inclusive():
+    """The DeepGlobe convention (specs datasets): a channel counts as on from 128 up. JPEG-ish values at the edge,
+    127 and 128, must fall on either side of it."""
+    mask = np.array([[[0, 128, 128], [0, 127, 127], [128, 128, 0], [127, 127, 0], [0, 0, 128], [0, 0, 127]]],
+                    np.uint8)
+    label, off, _ = deepglobe.convert_mask(mask)
+    assert label.tolist() == [[1, 0, 2, 0, 5, 0]]  # urban, -, agriculture, -, water, - (127s are off: unknown)
+    assert off == 6  # none of them is an exact palette colour

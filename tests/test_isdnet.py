@@ -481,3 +481,33 @@ def test_torchvision_stem_substitute():
     net = ISDNet(num_classes=2, deep_stem=False)
     assert net.backbone.conv1.kernel_size == (7, 7)
     assert net.backbone.layer4[0].conv2.dilation == (1, 1) and net.backbone.layer4[1].conv1.dilation == (4, 4)
+
+
+def test_loss_weights_are_the_specs():
+    """§3 loss table: every term recomputed unweighted from the same forward pass (eval mode: no dropout, fixed BN),
+    then weighted by hand with the spec's constants (aux 0.4, reconstruction 0.1, the rest 1.0)."""
+    from methods.isdnet import feature_affinity_loss, reconstruction_loss
+
+    torch.manual_seed(0)
+    net = ISDNet(num_classes=7).eval()
+    x_img = images(2, 64, 96)
+    labels = torch.randint(0, 7, (2, 64, 96), generator=torch.Generator().manual_seed(1))
+    labels[:, :8] = 255
+    with torch.no_grad():
+        terms = net.forward_train(x_img, labels)
+        x = net.normalize(x_img)
+        stages, deep_feat, deep_logits = net._deep(x)
+        out = net.refine_head(x, deep_feat, train=True)
+
+        def ce(logits):
+            return mmseg_cross_entropy(logits, labels=labels, ignore_index=255)
+
+        expected = {"decode.loss_seg": ce(deep_logits), "refine.loss_seg": ce(out["logits"]),
+                    "aux_1.loss_seg": ce(out["aux8"]), "aux_2.loss_seg": ce(out["aux16"]),
+                    "aux_3.recon_losses": 0.1 * reconstruction_loss(out["sr_out"], out["sr_target"]),
+                    "aux_4.fa_loss": 1.0 * feature_affinity_loss(deep_feat, out["sr_feat"]),
+                    "aux.loss_seg": 0.4 * ce(net.auxiliary_head(stages[2]))}
+    assert set(terms) == set(expected)
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value.item(), rel=1e-6), key
+        assert value.item() > 0, key

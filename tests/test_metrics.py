@@ -19,6 +19,17 @@ def test_confusion_matrix_counts_and_ignore():
     assert cm.matrix.dtype == torch.int64
 
 
+def test_rows_are_truth_and_columns_prediction():
+    """An asymmetric example: a transposed matrix (or swapped arguments) gives other rows and other per-class
+    accuracies (recall = diagonal / row sum)."""
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([1, 1, 1, 2]), torch.tensor([0, 0, 1, 2]))  # (prediction, target)
+    assert cm.matrix.tolist() == [[0, 2, 0], [0, 1, 0], [0, 0, 1]]
+    s = segmentation_scores(cm.matrix, CLASSES, (1, 2))
+    assert s["accuracy"]["unknown"] == 0.0 and s["accuracy"]["a"] == 1.0
+    assert s["iou"]["a"] == pytest.approx(1 / 3)  # 1 / (row 1 + column 3 - 1)
+
+
 def test_scores_hand_computed_with_excluded_class():
     matrix = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 2]])
     s = segmentation_scores(matrix, CLASSES, counted_classes=(1, 2))

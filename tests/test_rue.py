@@ -97,6 +97,8 @@ def test_num_selected():
     assert [num_selected(k, 8) for k in (1.0, 0.75, 0.5, 0.25)] == [64, 48, 32, 16]
     assert [num_selected(k, 20) for k in (1.0, 0.75, 0.5)] == [400, 300, 200]
     assert num_selected(0.3, 10) == 30 and num_selected(1e-6, 4) == 1
+    # fractional counts round up (§13.8): 0.6 * 9 = 5.4 -> 6, 0.1 * 64 = 6.4 -> 7, 0.33 * 16 = 5.28 -> 6
+    assert [num_selected(0.6, 3), num_selected(0.1, 8), num_selected(0.33, 4)] == [6, 7, 6]
 
 
 def test_k_is_a_runtime_attribute(model, batch):
@@ -388,3 +390,26 @@ def test_recipes(profile, dataset, classes, expected):
     assert net.entropy_divisor == pytest.approx(divisor)
     assert net.k == 1.0 and net.train_k == 1.0
     assert build_method("rue", classes, **{**model_cfg, "k": 0.5}).k == 0.5  # evaluate's `--set rue.k=0.5`
+
+
+def test_loss_weights_are_the_specs():
+    """§4: deep CE x 1, USEG x 1 with gamma from the config, FCN auxiliary CE x 0.4; recomputed by hand from the same
+    forward pass (eval mode: deterministic), the USEG weight (1 + U1)^gamma written out."""
+    torch.manual_seed(0)
+    net = build_method("rue", 7, patch_num=4, gamma=2.0).eval()
+    x_img = images(2, 128, 128)
+    labels = torch.randint(0, 7, (2, 128, 128), generator=torch.Generator().manual_seed(1))
+    labels[:, :8] = 255
+    with torch.no_grad():
+        terms = net.forward_train(x_img, labels)
+        out = net.run(net.normalize(x_img), 4, 16)
+        logits = F.interpolate(out["logits"], size=(128, 128), mode="bilinear", align_corners=False)
+        u1 = F.interpolate(out["u1"], size=(128, 128), mode="bilinear", align_corners=False)[:, 0]
+        ce = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+        useg = ((1 + u1) ** 2.0 * ce).mean()  # mean over all pixels, ignored ones count 0
+        expected = {"decode.loss_seg": mmseg_cross_entropy(out["deep_logits"], labels, 255),
+                    "refine.loss_seg": useg,
+                    "aux.loss_seg": 0.4 * mmseg_cross_entropy(net.auxiliary_head(out["stages"][2]), labels, 255)}
+    assert set(terms) == set(expected)
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value.item(), rel=1e-5), key

@@ -85,18 +85,74 @@ def test_percentile_matches_numpy_and_summary_arithmetic():
     assert stats["timed_iterations"] == 4
 
 
-def test_warmup_calls_are_run_but_not_timed():
-    model = SleepMethod(seconds=0.001, slow_calls=2, slow_seconds=0.2)
+class FakeClock:
+    """`time.perf_counter` for pipelines/measure.py that moves only when a call says so: timing tests are exact
+    and cannot flake on a loaded machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Untouchable:
+    """What ClockedMethod.predict returns: any use of it (argmax, .cpu(), a copy) inside the timed region would
+    be post-processing timed with predict, so it moves the clock by an hour and the test sees it."""
+
+    def __init__(self, clock):
+        object.__setattr__(self, "clock", clock)
+
+    def __getattr__(self, name):
+        self.clock.now += 3600.0
+        raise AttributeError(name)
+
+
+class ClockedMethod(UHRMethod):
+    """predict advances the fake clock by `durations[call]` seconds."""
+
+    name = "fake-clocked"
+
+    def __init__(self, clock, durations):
+        super().__init__(num_classes=2)
+        self.clock, self.durations, self.calls = clock, list(durations), 0
+
+    def predict(self, images):
+        self.clock.now += self.durations[self.calls]
+        self.calls += 1
+        return Untouchable(self.clock)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(M, "time", type("FakeTime", (), {"perf_counter": staticmethod(fake), "sleep": time.sleep,
+                                                          "time": time.time, "monotonic": time.monotonic}))
+    return fake
+
+
+def test_each_timed_call_is_one_predict_on_its_own(clock):
+    """Per-call times, not cumulative ones; warm-up calls run but are not timed; nothing else in the region."""
+    model = ClockedMethod(clock, [100.0, 100.0, 1.0, 2.0, 3.0, 4.0])
     times = M.time_calls(model.predict, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), warmup=2, iterations=4)
     assert model.calls == 6
-    assert len(times["wall"]) == 4 and max(times["wall"]) < 0.1
+    assert times["wall"] == [1.0, 2.0, 3.0, 4.0]
     assert times["device"] == []  # CUDA events only on CUDA
 
 
-def test_min_seconds_extends_the_timed_loop():
-    model = SleepMethod(seconds=0.01)
+def test_measure_model_times_exactly_the_predict_call(clock):
+    model = ClockedMethod(clock, [50.0, 0.25, 0.5, 0.75]).eval()
+    result = M.measure_model(model, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), cpu_settings())
+    assert result["status"] == "ok" and model.calls == 4
+    assert result["latency_ms_median"] == 500.0 and result["latency_ms_p90"] == pytest.approx(700.0)
+    assert result["fps"] == 2.0
+    assert M.predictor(model, torch.device("cpu"), None) == model.predict  # fp32: the bare method
+
+
+def test_min_seconds_extends_the_timed_loop(clock):
+    model = ClockedMethod(clock, [0.01] * 100)
     times = M.time_calls(model.predict, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), 0, 1, min_seconds=0.1)
-    assert len(times["wall"]) >= 5 and sum(times["wall"]) >= 0.09
+    assert len(times["wall"]) in (10, 11) and sum(times["wall"]) >= 0.1 - 1e-9
 
 
 def test_memory_fields_say_unavailable_without_nvml_or_cuda(monkeypatch):

@@ -96,6 +96,8 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
                     panels.append((f"{image_id}_{name}", uncertainty_panel(values)))
     for m in (matrix, *secondary.values()):
         m.all_reduce()
+    for stats in maps.values():
+        stats.all_reduce(ctx)
     if int(matrix.matrix.sum()) == 0:  # no score exists; never write NaN as a headline
         raise DatasetError(f"the {split} split of {dataset} has no labelled pixel (every label is ignore = "
                            f"{info.ignore_index}) in {config.data_root / dataset / 'labels'}; prepare the dataset "
@@ -169,6 +171,17 @@ class MapStats:
         for key, mask in (("fine", fine), ("region", valid & ~fine)):
             self.sums[key] += u1[mask].double().sum().item()
             self.counts[key] += int(mask.sum())
+
+    def all_reduce(self, ctx: distributed.DistContext) -> None:
+        """Sum the sums and pixel counts over ranks (each rank saw only its share of the images)."""
+        if not ctx.distributed:
+            return
+        keys = sorted(self.sums)
+        totals = torch.tensor([self.sums[k] for k in keys] + [float(self.counts[k]) for k in keys],
+                              dtype=torch.float64, device=ctx.device)
+        torch.distributed.all_reduce(totals)
+        for i, key in enumerate(keys):
+            self.sums[key], self.counts[key] = totals[i].item(), int(totals[len(keys) + i].item())
 
     def summary(self) -> dict:
         return {f"{self.name}_{k}_mean": (self.sums[k] / self.counts[k] if self.counts[k] else None)

@@ -69,6 +69,38 @@ def test_ddp_gloo_train_and_evaluate_match_single_process(tmp_path, env):
     assert one["iou"] == two["iou"] and one["pixel_accuracy"] == two["pixel_accuracy"]
 
 
+def test_ddp_training_equals_one_process_with_the_same_global_batch(tmp_path, tiny_synthetic, env):
+    """Two gloo processes with one image each == one process with both (same samples, gradients averaged), to
+    float tolerance; and a per-rank statistic (RUE's uncertainty means) is reduced over the ranks."""
+    from ddp_worker import map_values, train_local, untrained_local
+
+    from pipelines.distributed import DistContext
+    from pipelines.evaluate import MapStats
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, str(REPO / "tests" / "ddp_worker.py"), str(tiny_synthetic), str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp_weights.pt", weights_only=True)
+    torch.set_num_threads(1)
+    single = train_local(tiny_synthetic, 2, DistContext())
+    initial = untrained_local().state_dict()
+    for key, value in single.items():
+        assert torch.allclose(ddp[key], value, atol=1e-5, rtol=1e-4), key
+    # the steps moved the weights far more than DDP and one process differ (a rank training alone would not)
+    step = torch.cat([(single[k] - initial[k]).flatten() for k in single]).norm()
+    gap = torch.cat([(ddp[k] - single[k]).flatten() for k in single]).norm()
+    assert step > 1e-2 and gap < 1e-3 * step, (float(step), float(gap))
+
+    reference = MapStats("u1", (1, 2))
+    for rank in (0, 1):
+        reference.update(*map_values(rank))
+    reduced = json.loads((tmp_path / "ddp_map.json").read_text())
+    assert reduced["counts"] == reference.counts
+    for key, value in reference.summary().items():
+        assert reduced["summary"][key] == pytest.approx(value, rel=1e-12), key
+
+
 def resume_params(tmp_path: Path, data: Path) -> Path:
     params = tiny_params(tmp_path, data, iterations=24)
     raw = yaml.safe_load(params.read_text())

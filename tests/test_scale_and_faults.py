@@ -2,10 +2,8 @@
 checkpoints, and tiled evaluation of an 8192x8192 image."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -110,30 +108,32 @@ def resume_params(tmp_path: Path, data: Path) -> Path:
     return params
 
 
-def test_sigkilled_training_resumes_to_identical_weights(tmp_path, tiny_synthetic, env):
+def killed_at(checkpoint: int, params: Path, method: str, env, nproc: int = 1) -> subprocess.CompletedProcess:
+    """`bench.py train` SIGKILLed right after writing its `checkpoint`-th last.pt (tests/kill_after.py)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launcher, str(REPO / "tests" / "kill_after.py"), str(checkpoint),
+                           "train", "--dataset", "synthetic", "--method", method, "--params", str(params)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def check_resume_is_exact(tmp_path: Path, make_params, method: str, kill_at: int, env, nproc: int = 1) -> dict:
+    """Train uninterrupted; train again killed after the `kill_at`-th checkpoint, resume; the final weights and
+    loss histories must be bit-identical. Returns the interrupted checkpoint."""
     reference_dir, crash_dir = tmp_path / "reference", tmp_path / "crash"
     reference_dir.mkdir()
     crash_dir.mkdir()
-    args = ["train", "--dataset", "synthetic", "--method", "global", "--params"]
-
-    done = bench(*args, str(resume_params(reference_dir, tiny_synthetic)), env=env)
+    args = ["train", "--dataset", "synthetic", "--method", method, "--params"]
+    done = bench(*args, str(make_params(reference_dir)), env=env, nproc=nproc)
     assert done.returncode == 0, done.stderr[-2000:]
-    reference = torch.load(reference_dir / "checkpoints" / "synthetic" / "global" / "final.pt", weights_only=False)
+    reference = torch.load(reference_dir / "checkpoints" / "synthetic" / method / "final.pt", weights_only=False)
 
-    crash_params = resume_params(crash_dir, tiny_synthetic)
-    out_dir = crash_dir / "checkpoints" / "synthetic" / "global"
-    process = subprocess.Popen([sys.executable, str(REPO / "bench.py"), *args, str(crash_params)], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out_dir / "last.pt").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out_dir / "final.pt").exists(), "the run finished before it could be killed"
+    crash_params = make_params(crash_dir)
+    out_dir = crash_dir / "checkpoints" / "synthetic" / method
+    killed = killed_at(kill_at, crash_params, method, env, nproc)
+    assert killed.returncode != 0 and not (out_dir / "final.pt").exists(), killed.stderr[-2000:]
     interrupted = torch.load(out_dir / "last.pt", weights_only=False)
-    assert 0 < interrupted["position"]["iteration"] < 24
 
-    resumed = bench(*args, str(crash_params), env=env)
+    resumed = bench(*args, str(crash_params), env=env, nproc=nproc)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {out_dir / 'last.pt'}" in resumed.stderr
     final = torch.load(out_dir / "final.pt", weights_only=False)
@@ -141,15 +141,50 @@ def test_sigkilled_training_resumes_to_identical_weights(tmp_path, tiny_syntheti
     for key, value in reference["model"].items():
         assert torch.equal(final["model"][key], value), key
     assert final["mlflow_run_id"] == interrupted["mlflow_run_ids"]["main"]  # the same MLflow run goes on
+    return interrupted
+
+
+def test_sigkilled_training_resumes_to_identical_weights(tmp_path, tiny_synthetic, env):
+    interrupted = check_resume_is_exact(tmp_path, lambda d: resume_params(d, tiny_synthetic), "global", 2, env)
+    assert interrupted["position"]["iteration"] == 8  # killed right after the second checkpoint (every 4)
 
     # and the metrics of the two runs are the same
     metrics = {}
-    for name, folder in (("reference", reference_dir), ("resumed", crash_dir)):
+    for name in ("reference", "crash"):
+        folder = tmp_path / name
         result = bench("evaluate", "--dataset", "synthetic", "--method", "global", "--params",
                        str(folder / "params.yaml"), env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         metrics[name] = json.loads((folder / "results" / "metrics" / "synthetic" / "global.json").read_text())
-    assert metrics["reference"]["iou"] == metrics["resumed"]["iou"]
+    assert metrics["reference"]["iou"] == metrics["crash"]["iou"]
+
+
+def glnet_resume_params(tmp_path: Path, data: Path) -> Path:
+    params = tiny_params(tmp_path, data)
+    raw = yaml.safe_load(params.read_text())
+    raw["train"]["deterministic"] = True
+    recipe = raw["methods"]["glnet"]["recipes"]["smoke"]
+    recipe.update(checkpoint_every=1)
+    recipe["model"].update(global_size=64, patch_size=64, min_overlap=16, patch_batch=4)
+    for phase in ("phase1", "phase2", "phase3"):
+        recipe[phase].update(iterations=3, batch_size=2, log_every=1)
+    params.write_text(yaml.safe_dump(raw))
+    return params
+
+
+def test_multi_phase_training_resumes_to_identical_weights(tmp_path, tiny_synthetic, env):
+    """GLNet killed in its second phase (checkpoints after steps 1 and 2 of each 3-step phase: the 3rd is phase 2,
+    step 1) resumes there, with phase 1's result and the optimizer state of phase 2, to the same weights."""
+    interrupted = check_resume_is_exact(tmp_path, lambda d: glnet_resume_params(d, tiny_synthetic), "glnet", 3, env)
+    assert interrupted["phase"] == "global2local" and interrupted["position"]["iteration"] == 1
+
+
+def test_ddp_training_resumes_to_identical_weights(tmp_path, tiny_synthetic, env):
+    """Two gloo processes, rank 0 killed after the second checkpoint: the resumed DDP run ends bit-identical to an
+    uninterrupted DDP run."""
+    interrupted = check_resume_is_exact(tmp_path, lambda d: resume_params(d, tiny_synthetic), "global", 2, env,
+                                        nproc=2)
+    assert interrupted["world_size"] == 2 and interrupted["position"]["iteration"] == 8
 
 
 def test_other_configuration_does_not_resume(tmp_path, tiny_synthetic, mlflow_store):

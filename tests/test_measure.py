@@ -170,10 +170,11 @@ def test_memory_fields_say_unavailable_without_nvml_or_cuda(monkeypatch):
 
 
 def test_poller_sees_rss_growth():
-    # in a fresh interpreter: RSS bookkeeping left by earlier tests in this process must not mask the growth
+    # in a fresh interpreter: RSS bookkeeping left by earlier tests in this process must not mask the growth; one
+    # sample taken explicitly while the block is alive (the polling thread may not run in time on a loaded machine)
     probe = ("import numpy as np, time, torch; from pipelines import measure as M\n"
              "with M.MemoryPoller(torch.device('cpu'), 0.002) as poller:\n"
-             "    block = np.ones(128 * 2 ** 20, dtype=np.uint8); time.sleep(0.05); del block\n"
+             "    block = np.ones(128 * 2 ** 20, dtype=np.uint8); poller.sample(); del block\n"
              "print(poller.result()['rss_peak_growth_mib'])")
     out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent,
                          capture_output=True, text=True, timeout=120)

@@ -250,8 +250,11 @@ class RUE(UHRMethod):
     knobs = (Knob("k", sweep=(1.0, 0.75, 0.5, 0.25), label="K", bounds=(0.0, 1.0),
                   help="share of the P x P patches the shallow stream refines at inference (§13.8)"),)
     published = {"RUE (K = 100%)": {"k": 1.0}, "RUE (K = 75%)": {"k": 0.75}, "RUE (K = 50%)": {"k": 0.5}}
-    # the spec gives no figure: the head counts are derived by hand from §3 (tests/test_rue.py), 7 classes
-    param_counts = (ParamCount("derived from specs §3 (no upstream figure)", total=13_846_520, inference=13_698_481),)
+    # counted on the official model (RUE@ccbfce2 + the ad3097f DeepGlobe head, 7 classes) by
+    # tests/golden/make_rue.py: 13,847,423 in all, less its never-used refine_head.conv_seg (903), less the
+    # training-only auxiliary FCN head for inference
+    param_counts = (ParamCount("official code, counted by tests/golden/make_rue.py", total=13_846_520,
+                               inference=13_698_481),)
 
     def __init__(self, num_classes: int, pretrained: bool | str = False, stdc_pretrained: bool | str = False,
                  down_ratio: int = 4, deep_stem: bool = True, patch_num: int = 8, train_patch_num: int | None = None,

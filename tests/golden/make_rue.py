@@ -109,6 +109,12 @@ def run_one(args, k: float) -> None:
         # ISDHead's inherited conv_seg is never used by its forward (rue.md §3.7): ours has none
         left = mmseg_side.load_official_checkpoint(official, checkpoint, allowed_missing=("refine_head.conv_seg.",))
         img, img_metas, transforms = mmseg_side.pipeline_inputs(cfg, image, Path(tmp))
+    # parameter counts of the official model (shared STDC aliases counted once), for methods/rue.py `param_counts`
+    unused = sum(p.numel() for n, p in official.named_parameters() if n.startswith("refine_head.conv_seg."))
+    training_only = sum(p.numel() for n, p in official.named_parameters() if n.startswith("auxiliary_head."))
+    total = sum(p.numel() for p in official.parameters())
+    print(f"official parameters: {total:,} in all, {total - unused:,} without the unused refine_head.conv_seg, "
+          f"{total - unused - training_only:,} without the auxiliary head as well")
     print(f"K={k:g} ({select_num} of {HEAD['patch_num'] ** 2} patches); not in the checkpoint (unused upstream): "
           f"{left or 'none'}")
     gap = float((ours.normalize(image) - img).abs().max())

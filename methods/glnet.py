@@ -2,11 +2,23 @@
 local one on full-resolution patches, exchanging features inside their FPN heads, trained in three
 phases. Facts cite /work/shared/specs/glnet.md (§N); upstream is VITA-Group/GLNet @ 7b7bdee.
 
+The defaults reproduce the release's inference (tests/test_golden_glnet.py checks the logits of modes 1-3
+against the official code on the same weights): the global view is Pillow's bilinear resize of the uint8
+image, bit for bit (`global_resize="pil"`, methods/blocks/resize.py; §4.3, §5.1), and the local-to-global
+canvases are divided by upstream's coverage template, the full-resolution patch-count map bilinearly
+downsampled to each feature map (`l2g_coverage="upstream"`; §3.5).
+
+Labelled variants, never the default (keywords, e.g. params.yaml `methods.glnet.model`):
+* `l2g_coverage="exact"`: divide by the coverage counted in feature space instead (§10.1 #9: upstream's
+  template is off by up to 3x at 6% of the stride-4/8 positions); it changes the refined global branch
+  and so ~0.2% of the final pixels at DeepGlobe scale.
+* `global_resize="antialias"`: torch's antialiased bilinear resize rounded to uint8 (±1 against Pillow on
+  ~10% of the values).
+
 Deviations from the release, all on purpose (§10.1): the module is stateless (each image's global
-context is passed explicitly, so batches of any size and multi-GPU work); the local-to-global canvases
-are divided by the coverage counted in feature space (`l2g_coverage="upstream"` restores the
-approximate template for parity with the released weights); patch logits are averaged over overlaps
-(argmax-equivalent to upstream's sum); inference keeps only per-patch logits, never per-patch features.
+context is passed explicitly, so batches of any size and multi-GPU work); patch logits are averaged
+over overlaps (argmax-equivalent to upstream's sum); inference keeps only per-patch logits, never
+per-patch features.
 """
 from __future__ import annotations
 
@@ -33,6 +45,7 @@ from methods.blocks.fpn import (
 )
 from methods.blocks.losses import focal_loss, nearest_labels
 from methods.blocks.patches import LogitStitcher, PatchGrid, crop_boxes, cut_patches
+from methods.blocks.resize import pil_bilinear_resize
 
 # ---------------------------------------------------------------------------------------------------
 # Local-to-global merge (§3.5); the patch grid itself is methods/blocks/patches.py
@@ -40,9 +53,10 @@ from methods.blocks.patches import LogitStitcher, PatchGrid, crop_boxes, cut_pat
 
 class FeatureCanvas:
     """Local-to-global merge of one image (§3.5): every patch map is resized to its box in the global
-    map, summed into a zero canvas, and the sum divided by the coverage at the end."""
+    map, summed into a zero canvas, and the sum divided by the coverage at the end: upstream's template
+    (`coverage="upstream"`) or the count of boxes at each position (`"exact"`)."""
 
-    def __init__(self, like: Pyramid, grid: PatchGrid, coverage: str = "exact") -> None:
+    def __init__(self, like: Pyramid, grid: PatchGrid, coverage: str = "upstream") -> None:
         self.grid, self.coverage = grid, coverage
         self.sums = [torch.zeros_like(m[:1]) for m in like.maps()]
 
@@ -70,6 +84,8 @@ class FeatureCanvas:
 # The method
 
 GLOBAL, G2L, L2G = "global", "global2local", "local2global"
+L2G_COVERAGES = ("upstream", "exact")  # the first is the default (module docstring)
+GLOBAL_RESIZES = ("pil", "antialias")
 RELEASE_FILES = {G2L: "fpn_deepglobe_global2local.pth", L2G: "fpn_deepglobe_local2global.pth",
                  GLOBAL: "fpn_deepglobe_global.pth"}  # §8; l2g before global: "global.pth" ends both
 
@@ -81,7 +97,8 @@ def _prefixed(module: str, names: Sequence[str]) -> tuple[str, ...]:
 @register_method
 class GLNet(UHRMethod):
     name = "glnet"
-    description = "GLNet: global + local ResNet-50 FPN branches sharing features, 3-phase training (CVPR 2019)"
+    description = ("GLNet: global + local ResNet-50 FPN branches sharing features, 3-phase training (CVPR 2019); "
+                   "inference as the release (labelled variants: l2g_coverage=exact, global_resize=antialias)")
     published = {"GLNet": {}}
     # upstream feeds torchvision's ToTensor() output (x / 255, no mean subtraction; §3.1)
     pixel_stats = ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
@@ -91,11 +108,15 @@ class GLNet(UHRMethod):
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool | str = False,
                  global_size: int = 508, patch_size: int = 508, min_overlap: int = 50, patch_batch: int = 6,
                  train_patch_batch: int = 6, fmreg: float = 0.15, focal_gamma: float = 3.0,
-                 l2g_coverage: str = "exact", grad_checkpoint: bool = True,
+                 l2g_coverage: str = "upstream", global_resize: str = "pil", grad_checkpoint: bool = True,
                  offload_features: bool = False, head_width: int = WIDTH, ignore_index: int = 255) -> None:
         super().__init__(num_classes, ignore_index)
-        if l2g_coverage not in ("exact", "upstream"):
-            raise MethodError(f"glnet: l2g_coverage must be exact or upstream, got '{l2g_coverage}'")
+        if l2g_coverage not in L2G_COVERAGES:
+            raise MethodError(f"glnet: l2g_coverage must be one of {', '.join(L2G_COVERAGES)}, "
+                              f"got '{l2g_coverage}'")
+        if global_resize not in GLOBAL_RESIZES:
+            raise MethodError(f"glnet: global_resize must be one of {', '.join(GLOBAL_RESIZES)}, "
+                              f"got '{global_resize}'")
         if min(global_size, patch_size, patch_batch, train_patch_batch) < 1:
             raise MethodError("glnet: global_size, patch_size, patch_batch and train_patch_batch must be >= 1")
         if head_width < 2 or head_width % 2:
@@ -103,7 +124,7 @@ class GLNet(UHRMethod):
         self.global_size, self.patch_size, self.min_overlap = global_size, patch_size, min_overlap
         self.patch_batch, self.train_patch_batch = patch_batch, train_patch_batch
         self.fmreg, self.focal_gamma = fmreg, focal_gamma
-        self.l2g_coverage = l2g_coverage
+        self.l2g_coverage, self.global_resize = l2g_coverage, global_resize
         self.grad_checkpoint, self.offload_features = grad_checkpoint, offload_features
 
         # Upstream attribute names (§8), so a released state dict maps key for key.
@@ -181,12 +202,17 @@ class GLNet(UHRMethod):
         return self.normalize(images)
 
     def _global_input(self, images: torch.Tensor) -> torch.Tensor:
-        """The whole image resized to global_size², like PIL's antialiased bilinear resize to uint8 (§4.3)."""
+        """The whole image resized to global_size² as upstream's PIL `resize((s, s), BILINEAR)` of the uint8
+        image (§4.3, §5.1), for training and inference alike: Pillow's result exactly by default; torch's
+        antialiased bilinear rounded to uint8 with `global_resize="antialias"`."""
         size = (self.global_size, self.global_size)
         x = images.to(self.pixel_mean.dtype)
         if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            x = x.round().clamp(0, 255)
+            if self.global_resize == "pil":
+                x = pil_bilinear_resize(x, size)
+            else:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+                x = x.round().clamp(0, 255)
         return self._to_input(x)
 
     def _grid(self, images: torch.Tensor) -> PatchGrid:

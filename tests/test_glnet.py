@@ -1,9 +1,12 @@
-"""GLNet: patch geometry against the spec's tables, the three training phases, stitching, released
-checkpoint layout and parameter counts (spec glnet.md §3.4, §3.9, §7, §8)."""
+"""GLNet: patch geometry against the spec's tables, the three training phases, stitching, the global view's
+Pillow-exact resize, released checkpoint layout and parameter counts (spec glnet.md §3.4, §3.9, §4.3, §7, §8).
+Parity of the whole forward pass with the official code: tests/test_golden_glnet.py."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from methods import build_method, list_methods
@@ -11,6 +14,7 @@ from methods.base import MethodError
 from methods.blocks.fpn import Pyramid
 from methods.blocks.losses import focal_loss
 from methods.blocks.patches import LogitStitcher, PatchGrid, grid_starts
+from methods.blocks.resize import pil_bilinear_resize, pillow_vertical_first
 from methods.glnet import G2L, GLOBAL, L2G, FeatureCanvas, GLNet
 
 TINY = dict(backbone="resnet18", global_size=64, patch_size=64, min_overlap=16, patch_batch=3, train_patch_batch=2,
@@ -92,10 +96,23 @@ def test_stitching_all_ones_returns_ones():
 def test_feature_canvas_averages_with_exact_coverage():
     grid = PatchGrid.build(2448, 2448, 508)
     like = Pyramid.from_maps([torch.zeros(1, 2, s, s) for s in (16, 32, 64, 127)] * 4)
-    canvas = FeatureCanvas(like, grid)
+    canvas = FeatureCanvas(like, grid, coverage="exact")
     canvas.add(Pyramid.from_maps([torch.ones(len(grid), 2, s, s) for s in (4, 8, 16, 32)] * 4), range(len(grid)))
     for m in canvas.result().maps():
         assert torch.allclose(m, torch.ones_like(m))
+
+
+def test_upstream_coverage_is_the_downsampled_pixel_template():
+    """The default (upstream) divisor: exact where boxes align with the pixel grid (§3.5: 32² and 16² at
+    DeepGlobe scale), off where the rounded boxes and the bilinear template disagree (127², 64²)."""
+    grid = PatchGrid.build(2448, 2448, 508)
+    like = Pyramid.from_maps([torch.zeros(1, 1, s, s) for s in (16, 32, 64, 127)] * 4)
+    canvas = FeatureCanvas(like, grid)
+    assert canvas.coverage == "upstream"
+    canvas.add(Pyramid.from_maps([torch.ones(len(grid), 1, s, s) for s in (4, 8, 16, 32)] * 4), range(len(grid)))
+    for m in canvas.result().maps()[:4]:  # c5, c4, c3, c2
+        exact = torch.allclose(m, torch.ones_like(m), atol=1e-5)
+        assert exact == (m.shape[-1] in (16, 32)), m.shape
 
 
 def test_focal_loss_matches_formula_and_ignores():
@@ -104,6 +121,76 @@ def test_focal_loss_matches_formula_and_ignores():
     assert torch.allclose(focal_loss(logits, labels, 3.0, 255), (-(1 - p) ** 3 * p.log()).mean())
     labels[0] = 255
     assert torch.allclose(focal_loss(logits, labels, 3.0, 255), (-(1 - p[1]) ** 3 * p[1].log()).mean())
+
+
+# ---- the global view: Pillow's bilinear resize, exactly (§4.3, §5.1) -----------------------------------
+
+
+def pillow_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Reference: Image.resize((w, h), BILINEAR) of each uint8 RGB image of a (B, 3, H, W) batch."""
+    out = [np.asarray(Image.fromarray(img.permute(1, 2, 0).numpy().astype(np.uint8)).resize(size[::-1],
+                                                                                          Image.BILINEAR))
+           for img in images]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.parametrize("src,dst", [
+    ((300, 260), (128, 128)),  # non-integer downscale of a non-square image (the golden test's global view)
+    ((1224, 1224), (508, 508)),  # DeepGlobe's ratio at half size
+    ((512, 1024), (508, 508)),  # Cityscapes' shape: width shrinks more
+    ((256, 256), (64, 64)),  # integer factor
+    ((37, 50), (128, 90)),  # upscale
+    ((100, 200), (333, 77)),  # one axis up, the other down
+    ((100, 200), (100, 77)), ((100, 200), (333, 200)),  # one axis kept (Pillow skips that pass)
+    ((513, 97), (17, 120)),  # height shrinks far more: Pillow >= 13 runs the vertical pass first
+    ((611, 733), (7, 5)), ((5, 3), (1, 1)),  # extreme factors
+])
+def test_pil_bilinear_resize_is_pillow_exactly(src, dst):
+    g = torch.Generator().manual_seed(src[0] * 1000 + dst[1])
+    images = torch.randint(0, 256, (2, 3, *src), generator=g).float()
+    images[1, :, : src[0] // 2] = images[1, :, : src[0] // 2].clamp(0, 1) * 255  # saturated edges: clipping
+    ours = pil_bilinear_resize(images, dst)
+    assert ours.dtype == images.dtype and ours.shape == (2, 3, *dst)
+    assert torch.equal(ours, pillow_resize(images, dst))
+
+
+def test_pil_bilinear_resize_random_sizes_and_dtypes():
+    """Both pass orders of Pillow 13 (vertical first iff the height shrinks by more than twice as many pixels as
+    the width) on random small sizes; uint8 and float64 inputs alike."""
+    rng = np.random.default_rng(0)
+    orders = set()
+    for _ in range(60):
+        (h, w), (oh, ow) = rng.integers(1, 48, 2), rng.integers(1, 48, 2)
+        images = torch.from_numpy(rng.integers(0, 256, (1, 3, h, w), dtype=np.uint8))
+        expected = pillow_resize(images, (int(oh), int(ow)))
+        orders.add(pillow_vertical_first((h, w), (oh, ow)))
+        assert torch.equal(pil_bilinear_resize(images, (oh, ow)).float(), expected), ((h, w), (oh, ow))
+        assert torch.equal(pil_bilinear_resize(images.double(), (oh, ow)).float(), expected)
+    assert orders == {True, False}
+
+
+@pytest.mark.gpu
+def test_pil_bilinear_resize_on_cuda():
+    images = torch.randint(0, 256, (2, 3, 611, 517), generator=torch.Generator().manual_seed(0)).float()
+    for size in ((508, 508), (97, 301)):
+        assert torch.equal(pil_bilinear_resize(images.cuda(), size).cpu(), pillow_resize(images, size))
+
+
+def test_global_view_is_pillow_resize_by_default():
+    images = batch(2, 96, 112)[0]
+    model = tiny()
+    assert (model.global_resize, model.l2g_coverage) == ("pil", "upstream")
+    expected = pillow_resize(images, (64, 64)) / 255  # then ToTensor()
+    assert torch.equal(model._global_input(images), expected)
+    antialias = tiny(global_resize="antialias")._global_input(images)
+    assert 0 < (antialias != expected).float().mean() < 0.5
+    assert (antialias - expected).abs().max() * 255 <= 1 + 1e-4  # one grey level at most
+
+
+@pytest.mark.parametrize("keyword", ["l2g_coverage", "global_resize"])
+def test_unknown_variant_names_are_refused(keyword):
+    with pytest.raises(MethodError, match=keyword):
+        tiny(**{keyword: "nearest"})
 
 
 # ---- phases ------------------------------------------------------------------------------------------

@@ -80,3 +80,22 @@ def test_out_of_range_label_is_an_error():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         ConfusionMatrix(3).update(torch.zeros(2, 2), torch.zeros(2, 3))
+
+
+def test_default_ignore_is_255_and_a_label_equal_to_num_classes_is_refused():
+    from datasets.base import DatasetError
+
+    cm = ConfusionMatrix(3)  # default ignore index: 255, the prepared layout's
+    cm.update(torch.tensor([0, 1, 2]), torch.tensor([0, 255, 255]))
+    assert cm.matrix.sum().item() == 1
+    with pytest.raises(DatasetError, match="label value 3 is neither a class id < 3"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([1, 3]))  # 3 = num_classes: one past the last class
+
+
+def test_scores_report_pixels_counted_classes_and_absent_class_accuracy():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([1, 1, 2]), torch.tensor([1, 1, 1]))  # no pixel of 'unknown' or 'b' in the truth
+    s = segmentation_scores(cm.matrix, CLASSES, (1, 2))
+    assert s["pixels"] == 3 and s["counted_classes"] == ["a", "b"]
+    assert s["accuracy"]["unknown"] is None and s["accuracy"]["b"] is None  # recall undefined, never 0
+    assert s["accuracy"]["a"] == pytest.approx(2 / 3)

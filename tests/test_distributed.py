@@ -1,0 +1,99 @@
+"""pipelines/distributed.py: sharding, the single-process fallbacks, and the collective helpers in a real 2-process
+gloo group (spawned here, so the whole file stays in-process for the rest)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from pipelines import distributed
+from pipelines.distributed import DistContext
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_are_disjoint_complete_and_unpadded(world):
+    for count in range(10):
+        shards = [distributed.shard(count, DistContext(rank, world)) for rank in range(world)]
+        assert sorted(i for s in shards for i in s) == list(range(count))  # every item once, none twice
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        for rank, part in enumerate(shards):
+            assert part == sorted(part) and (not part or part[0] == rank)
+
+
+def test_context_flags_and_single_process_fallbacks(monkeypatch):
+    assert DistContext().is_primary and not DistContext().distributed
+    assert not DistContext(rank=1, world_size=2).is_primary and DistContext(rank=1, world_size=2).distributed
+    for value in (None, "1"):
+        if value is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", value)
+        ctx = distributed.init_distributed(torch.device("cpu"))
+        assert ctx == DistContext(device=torch.device("cpu"))
+    single = DistContext()
+    assert distributed.any_rank(True, single) is True and distributed.any_rank(0, single) is False
+    assert distributed.all_reduce_mean(2.5, single) == 2.5
+    distributed.barrier(single)
+    distributed.shutdown(single)
+    with distributed.primary_only(single, lambda: contextlib.nullcontext("run")) as value:
+        assert value == "run"
+    with distributed.primary_only(DistContext(rank=1, world_size=2), lambda: pytest.fail("rank 1 built it")) as v:
+        assert v is None
+
+
+class Recorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward_train(self, images, labels):
+        return {"loss": (self.weight * images).sum() + labels.sum()}
+
+
+def test_training_module_routes_forward_to_forward_train():
+    model = Recorder()
+    step = distributed.training_module(model, DistContext())
+    assert not isinstance(step, nn.parallel.DistributedDataParallel) and step.model is model
+    assert step(torch.full((2,), 3.0), torch.ones(2))["loss"].item() == 8.0
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = distributed.init_distributed(torch.device("cpu"))
+    model = Recorder()
+    step = distributed.training_module(model, ctx)
+    loss = step(torch.full((1,), float(rank + 1)), torch.zeros(1))["loss"]
+    loss.backward()  # DDP averages: (1 + 2) / 2 on both ranks
+    with distributed.primary_only(ctx, lambda: contextlib.nullcontext("primary")) as value:
+        primary = value
+    result = {"rank": ctx.rank, "world": ctx.world_size, "ddp": isinstance(step, nn.parallel.DistributedDataParallel),
+              "grad": model.weight.grad.item(), "any": distributed.any_rank(rank == 1, ctx),
+              "none": distributed.any_rank(False, ctx), "mean": distributed.all_reduce_mean(float(rank) * 4, ctx),
+              "primary": primary, "shard": distributed.shard(5, ctx)}
+    distributed.barrier(ctx)
+    distributed.shutdown(ctx)
+    with open(f"{out}/rank{rank}.json", "w") as handle:
+        json.dump(result, handle)
+
+
+def test_collectives_in_a_two_process_gloo_group(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, result in enumerate(ranks):
+        assert result["rank"] == rank and result["world"] == 2 and result["ddp"]
+        assert result["grad"] == pytest.approx(1.5)  # gradients averaged over the ranks
+        assert result["any"] is True and result["none"] is False  # a flag on rank 1 reaches rank 0
+        assert result["mean"] == pytest.approx(2.0)  # (0 + 4) / 2
+        assert result["primary"] == ("primary" if rank == 0 else None)
+    assert ranks[0]["shard"] == [0, 2, 4] and ranks[1]["shard"] == [1, 3]

@@ -14,6 +14,7 @@ from torch import nn
 
 from pipelines import distributed
 from pipelines.distributed import DistContext
+from pipelines.metrics import ConfusionMatrix
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -74,7 +75,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     loss.backward()  # DDP averages: (1 + 2) / 2 on both ranks
     with distributed.primary_only(ctx, lambda: contextlib.nullcontext("primary")) as value:
         primary = value
-    result = {"rank": ctx.rank, "world": ctx.world_size, "ddp": isinstance(step, nn.parallel.DistributedDataParallel),
+    matrix = ConfusionMatrix(2)
+    matrix.update(torch.tensor([rank]), torch.tensor([1]))
+    matrix.all_reduce()
+    result = {"matrix": matrix.matrix.tolist(), "rank": ctx.rank, "world": ctx.world_size, "ddp": isinstance(step, nn.parallel.DistributedDataParallel),
               "grad": model.weight.grad.item(), "any": distributed.any_rank(rank == 1, ctx),
               "none": distributed.any_rank(False, ctx), "mean": distributed.all_reduce_mean(float(rank) * 4, ctx),
               "primary": primary, "shard": distributed.shard(5, ctx)}
@@ -97,3 +101,4 @@ def test_collectives_in_a_two_process_gloo_group(tmp_path):
         assert result["mean"] == pytest.approx(2.0)  # (0 + 4) / 2
         assert result["primary"] == ("primary" if rank == 0 else None)
     assert ranks[0]["shard"] == [0, 2, 4] and ranks[1]["shard"] == [1, 3]
+    assert ranks[0]["matrix"] == ranks[1]["matrix"] == [[0, 0], [1, 1]]  # both ranks' pixels, on every rank

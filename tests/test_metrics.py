@@ -99,3 +99,17 @@ def test_scores_report_pixels_counted_classes_and_absent_class_accuracy():
     assert s["pixels"] == 3 and s["counted_classes"] == ["a", "b"]
     assert s["accuracy"]["unknown"] is None and s["accuracy"]["b"] is None  # recall undefined, never 0
     assert s["accuracy"]["a"] == pytest.approx(2 / 3)
+
+
+def test_all_reduce_is_a_no_op_without_a_process_group():
+    cm = ConfusionMatrix(2)
+    cm.update(torch.tensor([0, 1]), torch.tensor([1, 1]))
+    cm.all_reduce()
+    assert cm.matrix.tolist() == [[0, 0], [1, 1]]
+
+
+@pytest.mark.gpu
+def test_matrix_lives_on_the_asked_device_and_takes_cpu_maps():
+    cm = ConfusionMatrix(3, device="cuda")
+    cm.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))  # CPU maps are moved to the matrix's device
+    assert cm.matrix.device.type == "cuda" and cm.matrix.cpu().tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]

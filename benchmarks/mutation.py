@@ -1,0 +1,99 @@
+"""Mutation score of the modules where a silent bug costs most (benchmarks/mutation.md).
+
+Runs mutmut (configured in pyproject.toml) on the functions of each target below, then prints per target: mutants
+killed, survived, with no covering test, and the score = killed / (all - equivalent). Equivalent mutants (same
+behaviour, no test can tell) are listed with the reason, by mutmut name; a name that no longer exists is reported.
+
+    pip install mutmut==3.8.1
+    python benchmarks/mutation.py                 # every target (an hour or more on 2 cores)
+    python benchmarks/mutation.py metrics timing  # some targets
+    python benchmarks/mutation.py --report        # only summarise the last run (mutants/ is kept)
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+TARGETS = {
+    "metrics": ["pipelines.metrics.*"],
+    "timing": ["pipelines.measure.x_percentile__*", "pipelines.measure.x_summarize__*",
+               "pipelines.measure.x_time_calls__*", "pipelines.measure.x_measure_model__*",
+               "pipelines.measure.x_predictor__*"],
+    "distributed": ["pipelines.distributed.*"],
+    "conversions": ["datasets.deepglobe.x_convert_mask__*", "datasets.deepglobe.x__convert__*",
+                    "datasets.urur.x_convert_label__*", "datasets.urur.x__convert__*",
+                    "datasets.inria.x__convert__*", "datasets.cityscapes.x__convert__*"],
+    "geometry": ["methods.blocks.windows.*", "methods.blocks.patches.*"],
+}
+
+# mutmut name -> why no test can kill it
+EQUIVALENT = {
+    "pipelines.metrics.x_segmentation_scores__mutmut_30": 'float("nan") -> float("NAN"): the same value',
+    "pipelines.metrics.x_segmentation_scores__mutmut_49": 'float("nan") -> float("NAN"): the same value',
+    "pipelines.metrics.x_segmentation_scores__mutmut_62": 'float("nan") -> float("NAN"): the same value',
+    "pipelines.metrics.x_segmentation_scores__mutmut_70": 'float("nan") -> float("NAN"): the same value',
+    "pipelines.metrics.xǁConfusionMatrixǁ__init____mutmut_9": "device=None: the CPU, as asked (GPU test only)",
+    "pipelines.metrics.xǁConfusionMatrixǁ__init____mutmut_12": "device dropped: the CPU, as asked (GPU test only)",
+    "pipelines.metrics.xǁConfusionMatrixǁupdate__mutmut_7": ".to(None) keeps a CPU tensor on the CPU (GPU only)",
+    "pipelines.metrics.xǁConfusionMatrixǁupdate__mutmut_12": ".to(None) keeps a CPU tensor on the CPU (GPU only)",
+}
+
+
+def results() -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    status = {}
+    for line in out.splitlines():
+        name, _, value = line.strip().partition(": ")
+        if value:
+            status[name] = value
+    return status
+
+
+def report(targets: list[str]) -> int:
+    status = results()
+    worst = 100.0
+    for target in targets:
+        names = sorted(n for n in status if any(fnmatch.fnmatchcase(n, p) for p in TARGETS[target]))
+        counts: dict[str, int] = {}
+        for name in names:
+            counts[status[name]] = counts.get(status[name], 0) + 1
+        equivalent = [n for n in names if n in EQUIVALENT]
+        killed = counts.get("killed", 0)
+        scored = len(names) - len(equivalent)
+        score = 100.0 * killed / scored if scored else float("nan")
+        worst = min(worst, score)
+        print(f"{target}: {killed} killed of {len(names)} mutants ({len(equivalent)} equivalent), score {score:.1f}%; "
+              + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "killed"))
+        for name in names:
+            if status[name] != "killed":
+                note = EQUIVALENT.get(name, "")
+                print(f"    {status[name]:>10}  {name}" + (f"  [equivalent: {note}]" if note else ""))
+    missing = [n for n in EQUIVALENT if n not in status]
+    if missing:
+        print("equivalent mutants no longer generated (code changed; review EQUIVALENT):", ", ".join(missing))
+    return 0 if worst >= 90.0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", help=f"any of {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--report", action="store_true", help="summarise the last run only")
+    args = parser.parse_args()
+    targets = args.targets or list(TARGETS)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    if not args.report:
+        patterns = [p for t in targets for p in TARGETS[t]]
+        subprocess.run([sys.executable, "-m", "mutmut", "run", *patterns], cwd=REPO, check=False)
+    return report(targets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,22 @@ def test_window_starts_cover_and_end_flush():
     assert len(grid) == 5 * 3 and grid[-1] == (744, 344)
 
 
+def test_window_starts_rounding_and_validation():
+    # (length - window) % stride == 1: one more window is needed for the end (11 = 3 + 3 + 1 + 4)
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]
+    assert window_starts(10, 4, 3) == [0, 3, 6]  # exact fit: no extra window
+    assert window_starts(8, 8, 4) == [0] and window_starts(5, 1, 1) == [0, 1, 2, 3, 4]  # window 1 is valid
+    for window, stride in ((0, 4), (4, 0), (-1, 2), (2, -1)):
+        with pytest.raises(ValueError, match=f"window and stride must be positive, got {window} and {stride}"):
+            window_starts(10, window, stride)
+
+
+def test_image_smaller_than_the_window_in_one_dimension_is_padded():
+    images = torch.randn(1, 3, 40, 100)  # only the height is below the 64 window
+    out = sliding_window_logits(lambda crops: crops, images, 3, window=64, stride=48)
+    assert out.shape == images.shape and torch.allclose(out, images)
+
+
 def test_stitching_averages_overlaps():
     images = torch.zeros(2, 3, 100, 130)
 

@@ -78,7 +78,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     matrix = ConfusionMatrix(2)
     matrix.update(torch.tensor([rank]), torch.tensor([1]))
     matrix.all_reduce()
-    result = {"matrix": matrix.matrix.tolist(), "rank": ctx.rank, "world": ctx.world_size, "ddp": isinstance(step, nn.parallel.DistributedDataParallel),
+    result = {"matrix": matrix.matrix.tolist(),
+              "rank": ctx.rank, "world": ctx.world_size, "ddp": isinstance(step, nn.parallel.DistributedDataParallel),
               "grad": model.weight.grad.item(), "any": distributed.any_rank(rank == 1, ctx),
               "none": distributed.any_rank(False, ctx), "mean": distributed.all_reduce_mean(float(rank) * 4, ctx),
               "primary": primary, "shard": distributed.shard(5, ctx)}
@@ -102,3 +103,71 @@ def test_collectives_in_a_two_process_gloo_group(tmp_path):
         assert result["primary"] == ("primary" if rank == 0 else None)
     assert ranks[0]["shard"] == [0, 2, 4] and ranks[1]["shard"] == [1, 3]
     assert ranks[0]["matrix"] == ranks[1]["matrix"] == [[0, 0], [1, 1]]  # both ranks' pixels, on every rank
+
+
+def test_init_distributed_reads_the_torchrun_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = distributed.init_distributed(torch.device("cpu"))
+    assert ctx == DistContext(rank=2, world_size=3, local_rank=1, device=torch.device("cpu")) and calls == ["gloo"]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert distributed.init_distributed(torch.device("cpu")).local_rank == 0  # torchrun always sets it; default 0
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # joined already: not twice
+    distributed.init_distributed(torch.device("cpu"))
+    assert calls == ["gloo", "gloo"]
+
+
+def test_collective_paths_in_process(tmp_path):
+    """The distributed branches in this process, in a real gloo group of one (mutation testing sees calls in this
+    process only): the context claims 2 ranks, so the mean divides the group's sum by 2."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = DistContext(rank=0, world_size=2)
+        assert distributed.any_rank(True, ctx) is True and distributed.any_rank(False, ctx) is False
+        assert distributed.all_reduce_mean(3.0, ctx) == 1.5
+        step = distributed.training_module(Recorder(), ctx, find_unused_parameters=True)
+        assert isinstance(step, nn.parallel.DistributedDataParallel) and step.find_unused_parameters
+        assert isinstance(step.module, distributed.TrainStep) and step.device_ids is None
+        matrix = ConfusionMatrix(2)
+        matrix.update(torch.tensor([0, 1]), torch.tensor([1, 1]))
+        matrix.all_reduce()  # a group of one: the sum is this process's matrix
+        assert matrix.matrix.tolist() == [[0, 0], [1, 1]]
+        distributed.barrier(ctx)
+    finally:
+        distributed.shutdown(DistContext(rank=0, world_size=2))
+    assert not torch.distributed.is_initialized()
+
+
+def test_cuda_ranks_take_nccl_their_local_gpu_and_sync_bn(monkeypatch):
+    """What a CUDA rank does, with the CUDA and NCCL calls recorded (no GPU here): nccl, device cuda:LOCAL_RANK,
+    SyncBatchNorm conversion, DDP pinned to that GPU. The real thing runs in the GPU reference run."""
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = distributed.init_distributed(torch.device("cuda"))
+    assert ctx.device == torch.device("cuda", 1) and ctx.local_rank == 1
+    assert calls == [("set_device", 1), ("init", "nccl")]
+
+    import timm.layers
+
+    def fake_ddp(module, device_ids=None, find_unused_parameters=False):
+        calls.append(("ddp", device_ids, find_unused_parameters))
+        return module
+
+    synced = Recorder()
+    monkeypatch.setattr(timm.layers, "convert_sync_batchnorm", lambda m: calls.append(("sync_bn", m)) or synced)
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", fake_ddp)
+    model = Recorder()
+    step = distributed.training_module(model, ctx, find_unused_parameters=True)
+    assert calls[2:] == [("sync_bn", model), ("ddp", [1], True)] and step.model is synced
+    calls.clear()
+    step = distributed.training_module(model, DistContext(0, 2), find_unused_parameters=False)  # CPU: no SyncBN
+    assert calls == [("ddp", None, False)] and step.model is model

@@ -306,3 +306,15 @@ def test_parameter_counts_match_spec():
     assert counts["inference"] == 102_741_212  # stage-1 global + local + refined global + ensemble
     assert [sum(p.numel() for p in model.phase_parameters(ph)) for ph in model.phases] == [
         28_064_839, 37_370_446, 37_370_446]
+
+
+def test_patch_grid_coverage_counts_boxes_per_position():
+    from methods.blocks.patches import PatchGrid
+
+    grid = PatchGrid.build(100, 60, 40, min_overlap=10)  # 3 x 2 patches
+    count = grid.coverage(25, 15)  # a quarter-resolution map
+    assert count.shape == (1, 1, 25, 15) and count.dtype == torch.float32
+    expected = torch.zeros(25, 15)
+    for y, x, h, w in grid.boxes(25, 15):
+        expected[y:y + h, x:x + w] += 1
+    assert torch.equal(count[0, 0], expected) and count.min() >= 1 and count.max() > 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,81 @@ def test_convert_mask_threshold_is_at_128_inclusive():
     label, off, _ = deepglobe.convert_mask(mask)
     assert label.tolist() == [[1, 0, 2, 0, 5, 0]]  # urban, -, agriculture, -, water, - (127s are off: unknown)
     assert off == 6  # none of them is an exact palette colour
+
+
+# --- _convert, one tile in-process: the labels, counts and error messages prepare() relies on ---------------------
+
+def _dg_job(tmp_path, mask, image, tile="100694"):
+    """A DeepGlobe job tuple for `mask` (array or PIL image) and `image` (PIL image or raw bytes)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for folder in (src, out / "images", out / "labels"):
+        folder.mkdir(parents=True, exist_ok=True)
+    mask_path, image_path = src / f"{tile}_mask.png", src / f"{tile}_sat.jpg"
+    (mask if isinstance(mask, Image.Image) else Image.fromarray(mask)).save(mask_path, format="PNG")
+    if isinstance(image, bytes):
+        image_path.write_bytes(image)
+    else:
+        image.save(image_path, format="JPEG")
+    return (tile, str(image_path), str(mask_path), str(out)), out
+
+
+def test_convert_tile_writes_rgb_image_and_class_ids_and_returns_exact_counts(tmp_path):
+    """A non-square 2x4 tile (width 4) with a greyscale JPEG: the image is written as RGB, the mask as an 8-bit id
+    PNG; the result carries the off-palette count (red included), the ignore count and per-class pixel counts."""
+    mask = np.array([[[0, 255, 255], [0, 255, 255], [255, 255, 0], [250, 10, 5]],   # urban urban agri red->255
+                     [[100, 250, 120], [255, 255, 255], [0, 0, 255], [0, 0, 0]]],  # forest(off) barren water unk
+                    np.uint8)
+    grey = Image.fromarray(np.array([[0, 40, 80, 120], [160, 200, 240, 255]], np.uint8))  # mode L
+    job, out = _dg_job(tmp_path, mask, grey)
+    result = deepglobe._convert(job)
+    assert result == {"id": "100694", "error": None, "off_palette": 2, "ignored": 1,
+                      "counts": [1, 2, 1, 0, 1, 1, 1, 1]}  # unknown..barren, then ignore (255)
+    with Image.open(out / "labels" / "100694.png") as lab:
+        assert lab.mode == "L" and lab.size == (4, 2)
+        assert np.asarray(lab).tolist() == [[1, 1, 2, 255], [4, 6, 5, 0]]
+    with Image.open(out / "images" / "100694.png") as img, Image.open(job[1]) as src:
+        assert img.mode == "RGB" and img.size == (4, 2)  # a greyscale JPEG is stored as RGB
+        assert np.array_equal(np.asarray(img), np.asarray(src.convert("RGB")))
+
+
+def test_convert_tile_size_mismatch_names_the_image_and_both_sizes(tmp_path):
+    mask = np.zeros((2, 4, 3), np.uint8)  # 4 wide, 2 high
+    job, out = _dg_job(tmp_path, mask, Image.new("RGB", (5, 7)))
+    assert deepglobe._convert(job) == {"id": "100694", "error": "100694_sat.jpg: 5x7 but its mask is 4x2"}
+    assert not any(out.rglob("*.png"))
+
+
+@pytest.mark.parametrize("mode, text", [("L", "8-bit greyscale (L)"), ("RGBA", "RGB with alpha (RGBA)"),
+                                        ("P", "8-bit palette (P)")])
+def test_convert_tile_refuses_a_mask_not_in_the_official_format(tmp_path, mode, text):
+    """A mask that is not 8-bit RGB is never converted: the error names the mask file and the expected format."""
+    mask = Image.new(mode, (4, 2))
+    job, out = _dg_job(tmp_path, mask, Image.new("RGB", (4, 2)))
+    assert deepglobe._convert(job) == {
+        "id": "100694", "error": f"100694_mask.png: cannot be converted (100694_mask.png: {text} label file, "
+                                 "expected an 8-bit RGB PNG (DeepGlobe's official masks))"}
+    assert not any(out.rglob("*.png"))
+
+
+def test_convert_tile_unreadable_files_are_reported_against_that_file(tmp_path):
+    job, _ = _dg_job(tmp_path, np.zeros((2, 4, 3), np.uint8), b"not a jpeg at all")
+    result = deepglobe._convert(job)
+    assert set(result) == {"id", "error"} and result["id"] == "100694"
+    assert result["error"].startswith("100694_sat.jpg: cannot be converted (")
+    Path(job[2]).write_bytes(b"truncated png")  # now the mask is the first bad file
+    result = deepglobe._convert(job)
+    assert set(result) == {"id", "error"} and result["id"] == "100694"
+    assert result["error"].startswith("100694_mask.png: cannot be converted (")
+
+
+def test_convert_tile_full_disk_stops_the_run_instead_of_blaming_the_tile(tmp_path, monkeypatch):
+    import errno
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    job, _ = _dg_job(tmp_path, np.zeros((2, 4, 3), np.uint8), Image.new("RGB", (4, 2)))
+    monkeypatch.setattr(deepglobe.dl, "save_png", full)
+    with pytest.raises(OSError) as err:
+        deepglobe._convert(job)
+    assert err.value.errno == errno.ENOSPC

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,92 @@ def test_corrupt_download_rejected_by_inner_md5(tmp_path):
                       progress=False)
     assert "NEW2-AerialImageDataset.zip: md5" in str(err.value) and "corrupt" in str(err.value)
     assert not (tmp_path / "data" / "raw" / "inria" / "NEW2-AerialImageDataset.zip").exists()
+
+
+# --- _convert, one tile in-process: the labels, counts and error messages prepare() relies on ---------------------
+
+def _inria_job(tmp_path, gt, image, tile="austin1"):
+    """A job in Inria's layout: train/images/<id>.tif and train/gt/<id>.tif (the same file name in both)."""
+    src, out = tmp_path / "train", tmp_path / "out"
+    for folder in (src / "images", src / "gt", out / "images", out / "labels"):
+        folder.mkdir(parents=True, exist_ok=True)
+    gt_path, image_path = src / "gt" / f"{tile}.tif", src / "images" / f"{tile}.tif"
+    (gt if isinstance(gt, Image.Image) else Image.fromarray(gt)).save(gt_path, format="TIFF")
+    if isinstance(image, bytes):
+        image_path.write_bytes(image)
+    else:
+        image.save(image_path, format="TIFF")
+    return (tile, str(image_path), str(gt_path), str(out)), out
+
+
+def test_convert_tile_thresholds_greyscale_gt_at_128_and_counts_off_values(tmp_path):
+    """gt 0/255 -> 0/1, thresholded at 128 inclusive (127 background, 128 building); values other than 0/255 are
+    counted; counts are [background, building]. A non-square tile with a greyscale image (written as RGB)."""
+    gt = np.array([[0, 127, 128, 255], [255, 255, 255, 0]], np.uint8)  # 2 high, 4 wide
+    grey = Image.fromarray(np.array([[0, 40, 80, 120], [160, 200, 240, 255]], np.uint8))  # mode L
+    job, out = _inria_job(tmp_path, gt, grey)
+    assert inria._convert(job) == {"id": "austin1", "error": None, "off_values": 2, "counts": [3, 5]}
+    with Image.open(out / "labels" / "austin1.png") as lab:
+        assert lab.mode == "L" and np.asarray(lab).tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    with Image.open(out / "images" / "austin1.png") as img:
+        assert img.mode == "RGB" and img.size == (4, 2)
+        assert np.array_equal(np.asarray(img)[..., 0], np.asarray(grey)) and np.ptp(np.asarray(img), axis=2).max() == 0
+
+
+def test_convert_tile_off_values_count_every_value_other_than_0_and_255(tmp_path):
+    gt = np.array([[0, 0, 1, 127, 128, 254, 255, 255, 255]], np.uint8)
+    job, out = _inria_job(tmp_path, gt, Image.new("RGB", (9, 1)))
+    assert inria._convert(job) == {"id": "austin1", "error": None, "off_values": 4, "counts": [4, 5]}
+    with Image.open(out / "labels" / "austin1.png") as lab:
+        assert np.asarray(lab).tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 1]]
+
+
+def test_convert_tile_accepts_a_bilevel_gt(tmp_path):
+    """A 1-bit ("1" mode) gt TIFF is the same 0/255 mask packed: True = building, nothing off-value."""
+    bits = np.array([[True, False, True], [False, False, True]])
+    gt = Image.fromarray(bits)
+    assert gt.mode == "1"
+    job, out = _inria_job(tmp_path, gt, Image.new("RGB", (3, 2)))
+    assert inria._convert(job) == {"id": "austin1", "error": None, "off_values": 0, "counts": [3, 3]}
+    with Image.open(out / "labels" / "austin1.png") as lab:
+        assert lab.mode == "L" and np.asarray(lab).tolist() == [[1, 0, 1], [0, 0, 1]]
+
+
+def test_convert_tile_size_mismatch_names_the_image_and_both_sizes(tmp_path):
+    job, out = _inria_job(tmp_path, np.zeros((2, 4), np.uint8), Image.new("RGB", (5, 7)))
+    assert inria._convert(job) == {"id": "austin1", "error": "austin1.tif: 5x7 but its gt is 4x2"}
+    assert not any(out.rglob("*.png"))
+
+
+@pytest.mark.parametrize("mode, text", [("RGB", "8-bit RGB (RGB)"), ("I;16", "16-bit (I;16)"),
+                                        ("LA", "greyscale with alpha (LA)")])
+def test_convert_tile_refuses_a_gt_not_in_the_official_format(tmp_path, mode, text):
+    job, out = _inria_job(tmp_path, Image.new(mode, (4, 2)), Image.new("RGB", (4, 2)))
+    assert inria._convert(job) == {
+        "id": "austin1", "error": f"austin1.tif: cannot be converted (austin1.tif: {text} label file, expected an "
+                                  "8-bit single-channel 0/255 TIFF (Inria's official gt))"}
+    assert not any(out.rglob("*.png"))
+
+
+def test_convert_tile_unreadable_files_are_reported_against_that_file(tmp_path):
+    job, _ = _inria_job(tmp_path, np.zeros((2, 4), np.uint8), b"not a tiff")
+    result = inria._convert(job)
+    assert set(result) == {"id", "error"} and result["id"] == "austin1"
+    assert result["error"].startswith("austin1.tif: cannot be converted (")
+    Path(job[2]).write_bytes(b"not a tiff either")  # now the gt is the first bad file
+    result = inria._convert(job)
+    assert set(result) == {"id", "error"} and result["id"] == "austin1"
+    assert result["error"].startswith("austin1.tif: cannot be converted (")
+
+
+def test_convert_tile_full_disk_stops_the_run_instead_of_blaming_the_tile(tmp_path, monkeypatch):
+    import errno
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    job, _ = _inria_job(tmp_path, np.zeros((2, 4), np.uint8), Image.new("RGB", (4, 2)))
+    monkeypatch.setattr(inria.dl, "save_png", full)
+    with pytest.raises(OSError) as err:
+        inria._convert(job)
+    assert err.value.errno == errno.ENOSPC

@@ -149,6 +149,59 @@ def test_measure_model_times_exactly_the_predict_call(clock):
     assert M.predictor(model, torch.device("cpu"), None) == model.predict  # fp32: the bare method
 
 
+def test_measure_model_passes_its_settings_on(clock, monkeypatch):
+    """min_seconds keeps timing, the poll interval reaches the poller in seconds, amp turns autocast on."""
+    intervals = []
+
+    class RecordingPoller(M.MemoryPoller):
+        def __init__(self, device, interval_s=0.01):
+            intervals.append(interval_s)
+            super().__init__(device, interval_s)
+
+    monkeypatch.setattr(M, "MemoryPoller", RecordingPoller)
+    model = ClockedMethod(clock, [1.0] * 20).eval()
+    result = M.measure_model(model, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"),
+                             cpu_settings(warmup=0, iterations=2, min_seconds=5.0, poll_interval_ms=20))
+    assert result["timed_iterations"] == 5 and model.calls == 5  # 5 x 1 s reaches min_seconds
+    assert intervals == [0.02]
+
+    class AutocastProbe(ClockedMethod):
+        def predict(self, images):
+            self.autocast = torch.is_autocast_enabled("cpu")
+            return super().predict(images)
+
+    probe = AutocastProbe(clock, [1.0] * 10).eval()
+    M.measure_model(probe, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), cpu_settings(amp="bf16"))
+    assert probe.autocast is True
+    M.measure_model(probe, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), cpu_settings())
+    assert probe.autocast is False
+
+
+def test_oom_is_reported_with_its_first_line(clock):
+    class OutOfMemory(ClockedMethod):
+        def predict(self, images):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    class Silent(ClockedMethod):
+        def predict(self, images):
+            raise MemoryError()
+
+    result = M.measure_model(OutOfMemory(clock, [1.0]).eval(), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"),
+                             cpu_settings())
+    assert result == {"status": "OOM", "error": "CUDA out of memory. Tried to allocate 20.00 GiB"}
+    result = M.measure_model(Silent(clock, [1.0]).eval(), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"),
+                             cpu_settings())
+    assert result == {"status": "OOM", "error": "MemoryError"}
+
+    class Verbose(ClockedMethod):
+        def predict(self, images):
+            raise MemoryError("x" * 400)
+
+    result = M.measure_model(Verbose(clock, [1.0]).eval(), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"),
+                             cpu_settings())
+    assert result["error"] == "x" * 300  # one line, at most 300 characters
+
+
 def test_min_seconds_extends_the_timed_loop(clock):
     model = ClockedMethod(clock, [0.01] * 100)
     times = M.time_calls(model.predict, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), 0, 1, min_seconds=0.1)

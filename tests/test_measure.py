@@ -290,6 +290,7 @@ def test_settings_are_per_device_and_validated(tmp_path, tiny_synthetic):
         M.parse_sizes("1k", config)
 
 
+@pytest.mark.slow  # end to end through MLflow (mutation runs skip it: benchmarks/mutation.md)
 def test_measure_writes_json_sweep_and_mlflow_run(tmp_path, tiny_synthetic, shared_store, monkeypatch):
     import mlflow
 
@@ -319,6 +320,7 @@ def test_measure_writes_json_sweep_and_mlflow_run(tmp_path, tiny_synthetic, shar
     assert json.loads(out.read_text())["input_size"] == "128x128"
 
 
+@pytest.mark.slow  # end to end through MLflow (mutation runs skip it: benchmarks/mutation.md)
 def test_cli_measures_a_real_untrained_method(tmp_path, tiny_synthetic, shared_store):
     from bench import cli
 

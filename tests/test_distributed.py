@@ -136,7 +136,11 @@ def test_collective_paths_in_process(tmp_path):
         matrix.update(torch.tensor([0, 1]), torch.tensor([1, 1]))
         matrix.all_reduce()  # a group of one: the sum is this process's matrix
         assert matrix.matrix.tolist() == [[0, 0], [1, 1]]
+        # the mean is taken in float64: 1e8 + 1 survives (float32 would round it to 1e8)
+        assert distributed.all_reduce_mean(100_000_001.0, ctx) == 50_000_000.5
         distributed.barrier(ctx)
+        distributed.shutdown(DistContext())  # a single-process context never tears down a live group
+        assert torch.distributed.is_initialized()
     finally:
         distributed.shutdown(DistContext(rank=0, world_size=2))
     assert not torch.distributed.is_initialized()

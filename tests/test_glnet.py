@@ -318,3 +318,53 @@ def test_patch_grid_coverage_counts_boxes_per_position():
     for y, x, h, w in grid.boxes(25, 15):
         expected[y:y + h, x:x + w] += 1
     assert torch.equal(count[0, 0], expected) and count.min() >= 1 and count.max() > 1
+
+
+def test_grid_starts_fewest_patches_with_the_overlap():
+    from methods.blocks.patches import PatchGrid, grid_starts
+
+    assert grid_starts(2448, 508) == [0, 388, 776, 1164, 1552, 1940]  # spec §3.9, DeepGlobe, default overlap 50
+    assert PatchGrid.build(2448, 2448, 508).tops == (0, 388, 776, 1164, 1552, 1940)
+    assert grid_starts(600, 508) == [0, 92] and grid_starts(599, 508) == [0, 91]  # overlap 416 / 417 >= 50
+    assert grid_starts(900, 508, 116) == [0, 392]  # overlap exactly 116 is enough
+    assert grid_starts(600, 508, 0) == [0, 92] and grid_starts(508, 508, 0) == [0]
+    assert grid_starts(1100, 508, 0) == [0, 296, 592]
+    assert grid_starts(600, 508, 507) == list(range(93))  # overlap 507: steps of one pixel
+    for overlap in (508, -1):
+        with pytest.raises(MethodError, match=rf"min_overlap must be in \[0, patch_size\), got {overlap}"):
+            grid_starts(600, 508, overlap)
+
+
+def test_cut_patches_and_boxes_are_the_grid_crops():
+    from methods.blocks.patches import PatchGrid, crop_boxes, cut_patches
+
+    grid = PatchGrid.build(100, 60, 40, min_overlap=10)
+    image = torch.arange(2 * 100 * 60, dtype=torch.float32).view(1, 2, 100, 60)
+    patches = cut_patches(image, grid, [0, 5])
+    assert patches.shape == (2, 2, 40, 40)
+    for i, j in enumerate([0, 5]):
+        t, left = grid.coords[j]
+        assert torch.equal(patches[i], image[0, :, t:t + 40, left:left + 40])
+    labels = cut_patches(image[:, 0], grid, [3])  # a label map (1, H, W)
+    assert labels.shape == (1, 40, 40)
+    # boxes on a coarse map stay inside it: the last of 3 patches of 100 on a 200 side, on an 11-px map
+    coarse = PatchGrid.build(200, 200, 100, min_overlap=10)
+    assert coarse.tops == (0, 50, 100)
+    assert all(y + h <= 11 and x + w <= 11 for y, x, h, w in coarse.boxes(11, 11))
+    fmap = torch.randn(1, 3, 11, 11)
+    crops = crop_boxes(fmap, coarse.boxes(11, 11))
+    assert crops.shape == (9, 3, 6, 6)
+
+
+def test_logit_stitcher_averages_nearest_upsampled_patch_logits():
+    from methods.blocks.patches import LogitStitcher, PatchGrid
+
+    grid = PatchGrid.build(60, 40, 40, min_overlap=10)  # 2 x 1 patches, rows 20-40 covered twice
+    stitcher = LogitStitcher(grid, 2)
+    logits = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]] * 2, [[[5.0, 6.0], [7.0, 8.0]]] * 2])  # (2, 2, 2, 2)
+    stitcher.add(logits, [0, 1])
+    out = stitcher.result()
+    assert out.shape == (1, 2, 60, 40) and out.dtype == torch.float32
+    assert out[0, 0, 0, 0] == 1.0 and out[0, 0, 0, 39] == 2.0  # nearest: blocks of 20 px
+    assert out[0, 0, 25, 0] == pytest.approx((3.0 + 5.0) / 2)  # overlap: the mean of both patches
+    assert out[0, 0, 59, 39] == 8.0

@@ -90,7 +90,7 @@ class FakeClock:
     and cannot flake on a loaded machine."""
 
     def __init__(self):
-        self.now = 0.0
+        self.now = 1000.0  # not 0: a sign slip in `now - start` must show
 
     def __call__(self):
         return self.now
@@ -168,12 +168,17 @@ def test_measure_model_passes_its_settings_on(clock, monkeypatch):
     class AutocastProbe(ClockedMethod):
         def predict(self, images):
             self.autocast = torch.is_autocast_enabled("cpu")
+            self.dtype = torch.get_autocast_dtype("cpu")
+            assert images is self.expected  # the measured input itself
             return super().predict(images)
 
-    probe = AutocastProbe(clock, [1.0] * 10).eval()
-    M.measure_model(probe, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), cpu_settings(amp="bf16"))
+    probe = AutocastProbe(clock, [1.0] * 20).eval()
+    probe.expected = torch.zeros(1, 3, 8, 8)
+    M.measure_model(probe, [probe.expected], torch.device("cpu"), cpu_settings(amp="bf16"))
     assert probe.autocast is True
-    M.measure_model(probe, [torch.zeros(1, 3, 8, 8)], torch.device("cpu"), cpu_settings())
+    M.measure_model(probe, [probe.expected], torch.device("cpu"), cpu_settings(amp="fp16"))
+    assert probe.autocast is True and probe.dtype == torch.float16  # the precision asked, not autocast's default
+    M.measure_model(probe, [probe.expected], torch.device("cpu"), cpu_settings())
     assert probe.autocast is False
 
 
@@ -200,6 +205,40 @@ def test_oom_is_reported_with_its_first_line(clock):
     result = M.measure_model(Verbose(clock, [1.0]).eval(), [torch.zeros(1, 3, 8, 8)], torch.device("cpu"),
                              cpu_settings())
     assert result["error"] == "x" * 300  # one line, at most 300 characters
+
+
+def test_cuda_timing_synchronises_and_reads_events(clock, monkeypatch):
+    """The CUDA path with torch.cuda's calls recorded (no GPU here): synchronise on the device before and after
+    each call, CUDA events around it, their milliseconds converted to seconds."""
+    synced = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing is True
+            self.at = None
+
+        def record(self):
+            self.at = clock.now
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1000.0  # milliseconds, as CUDA events report
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    device = torch.device("cuda", 0)
+    model = ClockedMethod(clock, [9.0, 1.0, 2.0])
+    times = M.time_calls(model.predict, [torch.zeros(1, 3, 8, 8)], device, warmup=1, iterations=2)
+    assert times == {"wall": [1.0, 2.0], "device": [1.0, 2.0]}
+    assert synced == [device] * 5  # after the warm-up, then before and after each timed call
+
+
+def test_summary_and_percentile_edges(clock):
+    assert M.summarize([0.010])["latency_ms_std"] == 0.0  # one value: no spread, not an error
+    assert M.summarize([0.010, 0.012])["latency_ms_std"] == pytest.approx(np.std([10, 12], ddof=1))
+    with pytest.raises(ValueError, match="no values"):
+        M.percentile([], 50)
+    assert M.time_calls(ClockedMethod(clock, [0.5] * 9).predict, [torch.zeros(1)], torch.device("cpu"), 0,
+                        3)["wall"] == [0.5] * 3  # no min_seconds: exactly the iterations asked for
 
 
 def test_min_seconds_extends_the_timed_loop(clock):

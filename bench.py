@@ -261,18 +261,21 @@ def measure(dataset: str, method: str, scale: float | None, amp: str | None, cha
 @click.option("--train-only", is_flag=True, help="train the configurations, write no table")
 @click.option("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: each row once per seed, the table "
               "gives mean and std (default: params' seed)")
+@click.option("--measure/--no-measure", "measure_speed", default=None,
+              help="also measure each row's FPS and memory (default: when a published table of the method has them)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--params", default=None, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @one_line_errors
-def ablation(dataset: str, method: str, rows: tuple[str, ...], train_only: bool, seeds: str | None, device: str,
-             params: str | None, overrides: tuple[str, ...]) -> None:
-    """Train and evaluate the ablation rows a method declares; write its ablation table to results/ablations/."""
+def ablation(dataset: str, method: str, rows: tuple[str, ...], train_only: bool, seeds: str | None,
+             measure_speed: bool | None, device: str, params: str | None, overrides: tuple[str, ...]) -> None:
+    """Train and evaluate the ablation rows a method declares; write its ablation tables to results/ablations/."""
     from pipelines.ablation import ablation as run
     from pipelines.ablation import parse_seeds
 
     seed_list = parse_seeds(seeds) if seeds else None
-    for path in run(_config(params, overrides), dataset, method, device, list(rows) or None, train_only, seed_list):
+    for path in run(_config(params, overrides), dataset, method, device, list(rows) or None, train_only, seed_list,
+                    measure_speed):
         click.echo(f"wrote {path}")
 
 

@@ -88,7 +88,11 @@ class Ablation:
     key: str
     label: str
     model: dict
-    marks: dict = field(default_factory=dict)  # table column -> bool (printed x), e.g. {"LFF": True}
+    # table column -> True (printed ✓), False (blank) or the cell's text (e.g. {"input": "1/4 scale"})
+    marks: dict = field(default_factory=dict)
+    # which of the paper's ablation tables prints this row ("" when the method has one); a row in several tables
+    # is declared once per table with the same key and model and is trained once
+    table: str = ""
 
 
 @dataclass(frozen=True)

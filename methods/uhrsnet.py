@@ -46,9 +46,10 @@ argmax-equal to its sum). `global_scale` (optional) sizes the global input as a 
 of a fixed `global_size`, so a model trained on crops sees the global view at the test-time scale.
 
 Ablation (the paper's Table III layout; `bench.py ablation`): `branches` (local / global / both) with the two
-switches gives the five rows: local, local + LFF, global, global + local (one-time fusion), global + local +
-LFF. With both switches off and both branches, the model is two plain independent branches whose logits are
-averaged per patch ("late averaging", also ours).
+switches gives the five rows: only local branch w/o (local feature) fusion, only local branch with fusion, only
+global branch, both branches w/o local fusion (the one-time global-local fusion only), both with local fusion.
+With both switches off and both branches, the model is two plain independent branches whose logits are averaged
+per patch ("late averaging", also ours).
 """
 from __future__ import annotations
 
@@ -156,6 +157,8 @@ class LocalFeatureFusion(nn.Module):
 class UHRSNet(UHRMethod):
     name = "uhrsnet"
     label = "UHRSNet-style (reconstructed)"  # spec uhrsnet.md: never "UHRSNet" alone
+    # the paper's Table II row (its "local" column: our `local` output; "global": the final prediction)
+    published = {"UHRNet": {}}
     description = ("UHRSNet-style (reconstructed; no public code): global + local ResNet FPN branches, one-time "
                    "global-local fusion, local feature fusion across neighbouring patches (ICPR 2020)")
 
@@ -382,18 +385,16 @@ def _chunks(n: int, size: int) -> Iterator[list[int]]:
 
 
 def ablation_row(key: str, label: str, branches: str, local_fusion: bool) -> Ablation:
-    """One row of the paper's Table III: its switches as model keywords and as the table's marks."""
+    """One row of the paper's Table III (labelled as the paper prints it): its switches as model keywords."""
     return Ablation(key, label, {"branches": branches, "local_fusion": local_fusion,
-                                 "global_local_fusion": branches == "both"},
-                    marks={"local branch": branches in ("both", "local"), "LFF": local_fusion,
-                           "global branch": branches in ("both", "global")})
+                                 "global_local_fusion": branches == "both"}, table="Table III")
 
 
 # The five rows of the paper's ablation (Table III layout; `bench.py ablation --method uhrsnet`).
 UHRSNet.ablations = (
-    ablation_row("local", "local", "local", False),
-    ablation_row("local_lff", "local + LFF", "local", True),
-    ablation_row("global", "global", "global", False),
-    ablation_row("global_local", "global + local (one-time fusion)", "both", False),
-    ablation_row("global_local_lff", "global + local + LFF", "both", True),
+    ablation_row("local", "only local branch w/o fusion", "local", False),
+    ablation_row("local_lff", "only local branch with fusion", "local", True),
+    ablation_row("global", "only global branch", "global", False),
+    ablation_row("global_local", "both branches w/o local fusion", "both", False),
+    ablation_row("global_local_lff", "both branches with local fusion", "both", True),
 )

@@ -521,8 +521,10 @@ def variant_name(settings: MeasureSettings, base: MeasureSettings, overrides: di
 
 def measure(config: Config, dataset: str, method: str, device: str | None = None, scale: float | None = None,
             amp: str | None = None, channels_last: bool | None = None, dummy: bool | None = None,
-            untrained: bool = False, sweep: list[int] | None = None, overrides: dict | None = None) -> dict:
-    """Measure one method on one dataset; write the JSON (and sweep CSV/PNG) and an MLflow run."""
+            untrained: bool = False, sweep: list[int] | None = None, overrides: dict | None = None,
+            variant: str | None = None) -> dict:
+    """Measure one method on one dataset; write the JSON (and sweep CSV/PNG) and an MLflow run. `variant` labels
+    the run and file instead of the name derived from the settings (`bench.py ablation`'s rows)."""
     method = resolve_method_name(method)
     get_dataset(dataset)
     dev = tracking.resolve_device(device or config.section("measure").get("device", "auto"))
@@ -555,7 +557,7 @@ def measure(config: Config, dataset: str, method: str, device: str | None = None
         if not is_oom(exc):
             raise
         result.update(params_total=count_parameters(model), cost_source="OOM", gmacs=UNAVAILABLE)
-    variant = variant_name(settings, base, overrides)
+    variant = variant or variant_name(settings, base, overrides)
     sweep_stem = size_sweep_stem(config, dataset, method, variant)
     if sweep:
         def make_input(hw):

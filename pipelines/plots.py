@@ -29,18 +29,8 @@ def _number(value) -> float | None:
 
 
 def published_points(dataset: str) -> list[dict]:
-    """Every published (mIoU, FPS, memory) point of a dataset, one per method name (ISDNet's table and RUE's
-    figure merged; the row with an FPS wins). Rows without a numeric FPS (e.g. "< 1") cannot be drawn."""
-    points: dict[str, dict] = {}
-    for spec in published.tables().values():
-        if spec["dataset"] != dataset:
-            continue
-        for row in spec["rows"]:
-            if row.get("fps") is None or row.get("miou") is None:
-                continue
-            points[row["method"]] = {"label": row["method"], "miou": row["miou"], "fps": row["fps"],
-                                     "memory": row.get("memory_mb"), "source": "published"}
-    return list(points.values())
+    """Every published (mIoU, FPS, memory) point of a dataset (pipelines/published.py `points`)."""
+    return published.points(dataset)
 
 
 def our_points(ours: dict) -> list[dict]:
@@ -207,9 +197,8 @@ def knob_curves(datasets: list[str], ours: dict[str, dict]) -> dict[str, dict]:
         for knob in cls.knobs:
             rows = {row: dict(settings).get(knob.name) for row, settings in cls.published.items()}
             for d in datasets:
-                pub = [(rows[r["method"]], r["fps"], r["miou"]) for spec in published.tables().values()
-                       if spec["dataset"] == d for r in spec["rows"]
-                       if rows.get(r["method"]) is not None and _number(r.get("fps")) is not None]
+                pub = [(rows[p["label"]], p["fps"], p["miou"]) for p in published.points(d)
+                       if rows.get(p["label"]) is not None]
                 mine = [(dict(s)[knob.name], _number(r["fps"]), _number(r["headline"]))
                         for (m, s), r in ours[d]["rows"].items() if m == method and knob.name in dict(s)
                         and _number(r["fps"]) is not None and _number(r["headline"]) is not None]

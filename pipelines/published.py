@@ -5,6 +5,7 @@ its ablation rows likewise (`ablations`). Nothing here names a method.
 """
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -15,13 +16,15 @@ from methods import display_name, list_methods, method_class
 from methods.base import MethodError
 from pipelines import tracking
 from pipelines.config import REPO_ROOT
-from pipelines.tables import measured, pct, published_cell, triple
+from pipelines.tables import difference, measured, our_cell, pct, triple
 
 DATA = REPO_ROOT / "docs" / "published" / "tables.yaml"
 PUBLISHED_ONLY = "published only"
 ABLATION_VARIANT = "ablation-"  # variant tag prefix of `bench.py ablation` runs: not a method's benchmark number
 
 Settings = tuple[tuple[str, float], ...]  # a run's runtime knob values, e.g. (("k", 0.5),)
+CELL = re.compile(r"^\s*(-?\d+(?:\.\d+)?)(?:\s|$)")  # a published cell's number, as printed
+SOURCE = re.compile(r"\[([^\]]+)\]\s*$")  # a literature cell's source tag
 
 
 @cache
@@ -37,8 +40,8 @@ def tables() -> dict[str, dict]:
     return dict(data()["tables"])
 
 
-def published_ablations() -> dict[str, dict[str, dict]]:
-    """{method: {dataset: {title, provenance, notes, rows: {row key: {miou, miou_text}}}}}."""
+def published_ablations() -> dict[str, dict]:
+    """{method: {paper, dataset, tables: {table name: {id, title, source, columns, notes, rows: {row key: cells}}}}}."""
     return dict(data().get("ablations") or {})
 
 
@@ -123,7 +126,9 @@ def our_results(dataset: str) -> dict:
         row = {"headline": pct(run.get("metrics.headline")), "run": run["run_id"][:8],
                "commit": run.get("tags.git_commit", "") or "unknown", "profile": run.get("tags.profile", ""),
                "date": pd.Timestamp(run["start_time"]).strftime("%Y-%m-%d %H:%M UTC") if "start_time" in run else "",
-               "device": run.get("tags.env.device_name", "") or ""}
+               "device": run.get("tags.env.device_name", "") or "",
+               "outputs": {key[len("metrics.output."):-len(".miou")]: pct(run[key]) for key in run.index
+                           if key.startswith("metrics.output.") and key.endswith(".miou") and not pd.isna(run[key])}}
         if meas is None:
             row.update(fps="not measured (no measure run)", memory="not measured (no measure run)",
                        nvml="not measured (no measure run)", scale="", precision="", measure_device="")
@@ -173,27 +178,67 @@ def headline_label(dataset: str) -> str:
     return "mIoU" if headline == "miou" else f"IoU {headline.split(':', 1)[1]}"
 
 
+def cell_value(text) -> float | None:
+    """The number of a published cell as printed ("73.30", "74.1 [table]"); None for "< 1", "-" or no cell."""
+    if text is None:
+        return None
+    match = CELL.match(str(text))
+    return float(match.group(1)) if match else None
+
+
+def cell_source(text: str) -> str | None:
+    """The source tag of a literature cell ("74.1 [table]" -> "table")."""
+    match = SOURCE.search(str(text))
+    return match.group(1) if match else None
+
+
+def columns_of(spec: dict, dataset: str) -> list[dict]:
+    """A table's published quantities as {key, title, ours, output, digits}: `miou`, `fps`, `memory`, or a mapping
+    (UHRNet's `local` / `global` mIoU columns; `output` names the secondary output of ours that fills it)."""
+    out = []
+    for column in spec["columns"]:
+        column = {"key": column} if isinstance(column, str) else dict(column)
+        key = column["key"]
+        default = {"fps": ("FPS", "fps", 2), "memory": ("memory (MB)", "memory", 0)}.get(
+            key, (headline_label(dataset), "headline", 2))
+        column.setdefault("title", default[0])
+        column.setdefault("ours", default[1])
+        column.setdefault("digits", default[2])
+        out.append(column)
+    return out
+
+
 def _missing(dataset: str, ours: dict, label: str) -> str:
     return f"not measured (no {dataset} run)" if not ours["runs"] else f"not measured (no {label} run)"
 
 
-def _published_row(row: dict, dataset: str, ours: dict, columns: list[str]) -> dict:
-    out = {"method": row["method"]}
+def _our_cell(mine: dict, column: dict, owner: tuple[str, Settings]):
+    if column.get("output"):
+        value = mine.get("outputs", {}).get(column["output"])
+        missing = f"not measured ({settings_label(*owner)} has no `{column['output']}` output)"
+        return value if value is not None else missing
+    return mine[column["ours"]]
+
+
+def _published_row(row: dict, dataset: str, ours: dict, columns: list[dict]) -> dict:
+    out = {"group": row["group"]} if "group" in row else {}
+    out["method"] = row["method"]
+    if "venue" in row:
+        out["published in"] = row["venue"]
     owner = _owners().get(row["method"])
-    if owner is None:
-        mine = {"headline": PUBLISHED_ONLY, "fps": PUBLISHED_ONLY, "memory": PUBLISHED_ONLY}
-    else:
-        mine = ours["rows"].get(owner)
-        if mine is None:
-            miss = _missing(dataset, ours, settings_label(*owner))
-            mine = {"headline": miss, "fps": miss, "memory": miss}
-    out.update(triple(headline_label(dataset), row.get("miou"), row.get("miou_text"), mine["headline"], 2))
-    if "fps" in columns:
-        out.update(triple("FPS", row.get("fps"), row.get("fps_text"), mine["fps"], 2))
-    if "memory" in columns:
-        out.update(triple("memory (MB)", row.get("memory_mb"), None, mine["memory"], 0))
+    mine = None if owner is None else ours["rows"].get(owner)
+    for column in columns:
+        if owner is None:
+            cell = PUBLISHED_ONLY
+        elif mine is None:
+            cell = _missing(dataset, ours, settings_label(*owner))
+        else:
+            cell = _our_cell(mine, column, owner)
+        text = row.get(column["key"])
+        out.update(triple(column["title"], cell_value(text), text if text is not None else None, cell,
+                          column["digits"]))
     out["ours"] = "" if owner is None else settings_label(*owner)
-    out["provenance"] = row.get("provenance", "") + (f"; {row['note']}" if row.get("note") else "")
+    out["note"] = row.get("note", "")
     return out
 
 
@@ -201,7 +246,8 @@ def published_table(table_id: str, ours: dict | None = None) -> pd.DataFrame:
     """A published table (docs/published/tables.yaml) with our numbers and the differences beside each cell. A table
     with `sweep_rows` also lists our knob settings that it has no row for (e.g. a K = 25% sweep point)."""
     spec = tables()[table_id]
-    dataset, columns = spec["dataset"], spec["columns"]
+    dataset = spec["dataset"]
+    columns = columns_of(spec, dataset)
     ours = our_results(dataset) if ours is None else ours
     rows = [_published_row(row, dataset, ours, columns) for row in spec["rows"]]
     if spec.get("sweep_rows"):
@@ -211,11 +257,39 @@ def published_table(table_id: str, ours: dict | None = None) -> pd.DataFrame:
             if method in methods and settings and (method, settings) not in owned:
                 titles = ", ".join(k.title for k in knobs_of(method))
                 row = {"method": settings_label(method, settings)}
-                row.update(triple(headline_label(dataset), None, "not published", mine["headline"], 2))
-                row.update(triple("FPS", None, "not published", mine["fps"], 2))
-                row.update(ours=settings_label(method, settings), provenance=f"ours only ({titles} sweep)")
+                if any("venue" in r for r in spec["rows"]):
+                    row["published in"] = ""
+                for column in columns:
+                    cell = _our_cell(mine, column, (method, settings))
+                    row.update(triple(column["title"], None, "not published", cell, column["digits"]))
+                row.update(ours=settings_label(method, settings), note=f"ours only ({titles} sweep)")
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def table_notes(spec: dict) -> list[str]:
+    """The lines under a table: where its published numbers come from, then the protocol notes it names."""
+    return ([f"Published: {spec['source']}."] if spec.get("source") else []) + note_texts(spec.get("notes", []))
+
+
+def points(dataset: str) -> list[dict]:
+    """Every published (mIoU, FPS, memory) point of a dataset, one per method name: the papers' own tables first,
+    then the literature for methods they lack. Rows without a numeric mIoU and FPS (e.g. "< 1") cannot be drawn."""
+    found: dict[str, dict] = {}
+    specs = sorted(tables().values(), key=lambda spec: spec.get("kind") == "literature")
+    for spec in specs:
+        if spec["dataset"] != dataset or not {"miou", "fps"} <= {c["key"] for c in columns_of(spec, dataset)}:
+            continue
+        names = [row["method"] for row in spec["rows"]]
+        for row in spec["rows"]:
+            miou, fps = cell_value(row.get("miou")), cell_value(row.get("fps"))
+            # a name the table prints twice (UNet under local and global inference) is labelled by its group
+            label = f"{row['method']} ({row['group'].lower()})" if names.count(row["method"]) > 1 else row["method"]
+            if miou is None or fps is None or label in found:
+                continue
+            found[label] = {"label": label, "miou": miou, "fps": fps, "memory": cell_value(row.get("memory")),
+                            "source": "published"}
+    return list(found.values())
 
 
 def ours_note(dataset: str, ours: dict) -> str:
@@ -228,44 +302,81 @@ def ours_note(dataset: str, ours: dict) -> str:
     return "Ours (MLflow `" + tracking.experiment_name(dataset) + "`): " + "; ".join(parts) + "."
 
 
-def ablation_table(method: str, dataset: str, scores_csv: Path) -> pd.DataFrame:
-    """A method's ablation rows (its `ablations`, in the paper's layout: each row's marks as x) with the published
-    mIoU beside ours (mean and std over seeds) from `bench.py ablation`'s scores csv, else "not measured"."""
-    published = published_ablations().get(method, {}).get(dataset, {})
-    stats = pd.DataFrame(columns=["mean", "std", "count"])
-    outputs: list[str] = []
-    if scores_csv.is_file():
-        scores = pd.read_csv(scores_csv)
-        if len(scores):  # one line per (row, seed): mean and sample std over the seeds
-            stats = (100.0 * scores["miou"]).groupby(scores["row"]).agg(["mean", "std", "count"])
-            outputs = [c[len("miou_"):-len("_output")] for c in scores.columns
-                       if c.startswith("miou_") and c.endswith("_output")]
-            for name in outputs:
-                stats[f"output {name}"] = (100.0 * scores[f"miou_{name}_output"]).groupby(scores["row"]).mean()
+def ablation_tables(method: str) -> list[tuple[str, dict]]:
+    """The ablation tables a method's rows are printed in, in declaration order, each with its published spec
+    (docs/published/tables.yaml `ablations`; {} when none is published)."""
+    published = published_ablations().get(method, {})
+    names = list(dict.fromkeys(row.table for row in method_class(method).ablations))
+    return [(name, (published.get("tables") or {}).get(name, {})) for name in names]
+
+
+def ablation_id(method: str, table: str) -> str:
+    """File stem of a published ablation table ("paper_isdnet_table5"); `<method>_ablation` when unpublished."""
+    spec = dict(ablation_tables(method)).get(table, {})
+    return spec.get("id") or f"{method}_ablation" + (f"_{re.sub(r'[^a-z0-9]+', '', table.lower())}" if table else "")
+
+
+def _mark(value) -> str:
+    return "✓" if value is True else "" if value is False else str(value)
+
+
+ABLATION_OURS = {"miou": "miou", "fps": "fps", "memory": "memory"}  # column key -> scores csv column
+
+
+def ablation_table(method: str, dataset: str, scores_csv: Path, table: str = "") -> pd.DataFrame:
+    """One of a method's ablation tables (its `ablations` with `table`, in the paper's layout: each row's marks)
+    with the published numbers beside ours (mean over seeds; std of the mIoU) from `bench.py ablation`'s scores
+    csv, else "not measured". Published numbers measured on another dataset say which in the column title."""
+    meta = published_ablations().get(method, {})
+    spec = dict(ablation_tables(method)).get(table, {})
+    pub_dataset = meta.get("dataset", dataset)
+    where = "" if pub_dataset == dataset else f", {pub_dataset}"
+    columns = columns_of({"columns": spec.get("columns", ["miou"])}, pub_dataset)
+    scores = pd.read_csv(scores_csv) if scores_csv.is_file() else pd.DataFrame()
+    trained = set(scores["row"]) if len(scores) else set()
+    outputs = [c[len("miou_"):-len("_output")] for c in scores.columns
+               if c.startswith("miou_") and c.endswith("_output")]
     rows = []
-    for ablation in method_class(method).ablations:
+    for ablation in (r for r in method_class(method).ablations if r.table == table):
         key = ablation.key
-        pub = (published.get("rows") or {}).get(key)
-        if not scores_csv.is_file():
-            mine = f"not measured (no {scores_csv.name})"
-        else:
-            mine = stats.loc[key, "mean"] if key in stats.index else "not measured (row not trained)"
-        seeds = int(stats.loc[key, "count"]) if key in stats.index else 0
-        row = {"configuration": ablation.label, **{col: "x" if on else "" for col, on in ablation.marks.items()},
-               "mIoU (published)": published_cell(pub.get("miou"), pub.get("miou_text"), 1) if pub else "—",
-               "mIoU (ours)": mine if isinstance(mine, str) else f"{mine:.2f}",
-               "std over seeds (ours)": f"{stats.loc[key, 'std']:.2f}" if seeds > 1 else ""}
+        pub = (spec.get("rows") or {}).get(key, {})
+        mine = scores[scores["row"] == key] if key in trained else None
+        row = {"configuration": ablation.label, **{col: _mark(on) for col, on in ablation.marks.items()}}
+        for column in columns:
+            name = column["title"] if column["key"] != "miou" else "mIoU"
+            source = ABLATION_OURS[column["key"]]
+            if not scores_csv.is_file():
+                ours = f"not measured (no {scores_csv.name})"
+            elif mine is None:
+                ours = "not measured (row not trained)"
+            elif source not in mine or mine[source].isna().all():
+                ours = "not measured (no measurement)"
+            else:
+                ours = float(mine[source].mean()) * (100.0 if column["key"] == "miou" else 1.0)
+            text = pub.get(column["key"])
+            row[f"{name} (published{where})"] = "—" if text is None else str(text)
+            row[f"{name} (ours)"] = our_cell(ours, column["digits"])
+            row[f"{name} Δ (ours − published)"] = difference(ours, cell_value(text), column["digits"])
+        seeds = 0 if mine is None else len(mine)
+        row["mIoU std over seeds (ours)"] = f"{100.0 * mine['miou'].std():.2f}" if seeds > 1 else ""
         for name in outputs:
-            value = stats.loc[key, f"output {name}"] if key in stats.index else None
-            row[f"mIoU of the {name} output (ours)"] = "" if value is None or pd.isna(value) else f"{value:.2f}"
+            value = None if mine is None else mine[f"miou_{name}_output"].mean()
+            row[f"mIoU of the {name} output (ours)"] = "" if value is None or pd.isna(value) else f"{100 * value:.2f}"
         row["seeds"] = seeds or ""
-        row["mIoU Δ (ours − published)"] = "" if isinstance(mine, str) else (
-            f"{mine - pub['miou']:+.2f}" if pub else "no published value")
-        row["provenance"] = published.get("provenance", "") if pub else "not published per row"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def ablation_title(method: str, dataset: str) -> str:
-    spec = published_ablations().get(method, {}).get(dataset, {})
-    return spec.get("title") or f"{display_name(method)} ablation on {dataset}"
+def ablation_title(method: str, table: str) -> str:
+    spec = dict(ablation_tables(method)).get(table, {})
+    return spec.get("title") or f"{display_name(method)} ablation" + (f" ({table})" if table else "")
+
+
+def ablation_notes(method: str, table: str, dataset: str) -> list[str]:
+    meta = published_ablations().get(method, {})
+    spec = dict(ablation_tables(method)).get(table, {})
+    lines = table_notes(spec)
+    if spec and meta.get("dataset") and meta["dataset"] != dataset:
+        lines.insert(0, f"The published numbers are {meta['paper']}'s on {meta['dataset']}; ours are on {dataset}: "
+                        "compare the differences between rows, not the values.")
+    return lines

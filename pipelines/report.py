@@ -151,17 +151,33 @@ def tables(config: Config) -> list[Path]:
     written = []
     for table_id, spec in published.tables().items():
         dataset = spec["dataset"]
-        notes = [published.ours_note(dataset, ours(dataset)), *published.note_texts(spec.get("notes", []))]
+        notes = [published.ours_note(dataset, ours(dataset)), *published.table_notes(spec)]
         written += write_table(published.published_table(table_id, ours(dataset)), out_dir / table_id,
                                spec["title"], notes)
-    for method, per_dataset in published.published_ablations().items():
-        for dataset, spec in per_dataset.items():
-            scores = ablation_scores(config, method, dataset)
-            written += write_table(published.ablation_table(method, dataset, scores),
-                                   out_dir / f"paper_{method}_ablation_{dataset}", spec["title"],
-                                   [f"Ours from `python bench.py ablation --dataset {dataset} --method {method}` "
-                                    f"({scores}).", *published.note_texts(spec.get("notes", []))])
+    for method, table, dataset in ablation_outputs(config):
+        scores = ablation_scores(config, method, dataset)
+        written += write_table(published.ablation_table(method, dataset, scores, table),
+                               out_dir / f"{published.ablation_id(method, table)}_{dataset}",
+                               published.ablation_title(method, table),
+                               [f"Ours from `python bench.py ablation --dataset {dataset} --method {method}` "
+                                f"({scores}).", *published.ablation_notes(method, table, dataset)])
     return written
+
+
+def ablation_outputs(config: Config) -> list[tuple[str, str, str]]:
+    """(method, table, dataset) of every ablation table to write: each method's tables on the dataset its paper
+    published them for, and on every dataset `bench.py ablation` has scores for."""
+    from datasets import list_datasets
+    from methods import list_methods, method_class
+
+    out = []
+    for method in list_methods():
+        if not method_class(method).ablations:
+            continue
+        paper_dataset = published.published_ablations().get(method, {}).get("dataset")
+        datasets = [d for d in list_datasets() if d == paper_dataset or ablation_scores(config, method, d).is_file()]
+        out += [(method, table, d) for table, _ in published.ablation_tables(method) for d in datasets]
+    return out
 
 
 def write_readme(config: Config, written: list[Path]) -> Path:
@@ -179,15 +195,16 @@ def write_readme(config: Config, written: list[Path]) -> Path:
             continue
         seen.add(path)
         name = path.stem
-        dataset = name.rsplit("_", 1)[-1]
+        dataset = specs[name]["dataset"] if name in specs else name.rsplit("_", 1)[-1]
         if name in specs:
-            what = specs[name].get("what", name)
+            what = specs[name]["title"]
             source = published.ours_note(dataset, published.our_results(dataset))
         elif name.startswith("compare_"):
             what, source = "comparison of our methods", published.ours_note(dataset, published.our_results(dataset))
-        else:  # paper_<method>_ablation_<dataset>
-            method = name[len("paper_"):name.rindex("_ablation_")]
-            what = f"{display_name(method)}'s ablation"
+        else:  # an ablation table: <ablation id>_<dataset>
+            method, table = next((m, t) for m, t, d in ablation_outputs(config)
+                                 if name == f"{published.ablation_id(m, t)}_{d}")
+            what = f"{display_name(method)}'s ablation" + (f", {table}" if table else "")
             source = f"{ablation_scores(config, method, dataset).relative_to(root)} (`bench.py ablation`)"
         lines.append(f"| [{path.relative_to(root)}]({path.relative_to(root)}) (+ .csv, .tex) | {what} | "
                      f"{source.replace('|', '/')} |")

@@ -115,8 +115,12 @@ def test_declarations_name_real_keywords_and_rows(name):
     assert set(cls.published) <= rows, "a published row the tables do not have"
     for settings in cls.published.values():
         assert set(settings) <= {k.name for k in cls.knobs}
-    for dataset, spec in published_ablations().get(name, {}).items():
-        assert set(spec["rows"]) <= {r.key for r in cls.ablations}, dataset
+    for table, spec in (published_ablations().get(name, {}).get("tables") or {}).items():
+        assert set(spec["rows"]) <= {r.key for r in cls.ablations if r.table == table}, table
+    first = {}
+    for row in cls.ablations:  # a row printed in several tables: one key, one model, one table each
+        assert first.setdefault(row.key, row).model == row.model, row.key
+    assert len({(r.key, r.table) for r in cls.ablations}) == len(cls.ablations)
 
 
 @pytest.mark.parametrize("name", METHODS)

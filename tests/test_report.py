@@ -94,51 +94,79 @@ def test_isdnet_table_published_vs_ours(store):
     from pipelines.published import published_table
     from pipelines.tables import format_table
 
-    table = published_table("paper_isdnet_deepglobe").set_index("method")
-    isd = table.loc["ISDNet"]
+    table = published_table("paper_isdnet_deepglobe")
+    assert list(table.columns[:2]) == ["group", "method"] and len(table) == 16
+    rows = table.set_index(["group", "method"])
+    isd = rows.loc[("UHR methods", "ISDNet")]
     assert (isd["mIoU (published)"], isd["mIoU (ours)"],
             isd["mIoU Δ (ours − published)"]) == ("73.30", "74.00", "+0.70")
     assert (isd["FPS (published)"], isd["FPS (ours)"], isd["FPS Δ (ours − published)"]) == ("27.70", "30.00", "+2.30")
     assert (isd["memory (MB) (published)"], isd["memory (MB) (ours)"],
             isd["memory (MB) Δ (ours − published)"]) == ("1948", "2000", "+52")
-    gl = table.loc["GLNet"]
+    gl = rows.loc[("UHR methods", "GLNet")]
     assert gl["mIoU (ours)"] == "65.00" and gl["mIoU Δ (ours − published)"] == "-6.60"
     assert gl["FPS (ours)"] == "not measured (no measure run)" and gl["FPS Δ (ours − published)"] == ""
-    fcn = table.loc["FCN-8s (local inference)"]
+    fcn = rows.loc[("Local inference", "FCN-8s")]
     assert fcn["mIoU (ours)"] == fcn["FPS (ours)"] == fcn["memory (MB) (ours)"] == "published only"
-    assert fcn["FPS (published)"] == "—"
-    assert table.loc["DeepLabv3+ (global inference)", "mIoU (ours)"] == "published only"
-    assert table.loc["CascadePSP", "FPS (published)"] == "< 1"
+    assert (fcn["mIoU (published)"], fcn["FPS (published)"]) == ("62.43", "4.55")  # ISDNet's, not a later copy
+    assert rows.loc[("Global inference", "UNet"), "mIoU (published)"] == "50.11"
     # no inria run at all
     inria = published_table("paper_isdnet_inria").set_index("method")
     assert inria.loc["ISDNet", "IoU building (published)"] == "74.23"  # Inria's headline: building IoU
     assert inria.loc["ISDNet", "IoU building (ours)"] == "not measured (no inria run)"
     assert inria.loc["ISDNet", "IoU building Δ (ours − published)"] == ""
-    assert inria.loc["FCtL", "FPS (ours)"] == "published only"
+    assert inria.loc["FCtL (no TTA)", "FPS (ours)"] == "published only"
     lines = format_table(published_table("paper_isdnet_deepglobe"), "csv").splitlines()
-    assert lines[-1] == ("ISDNet,73.30,74.00,+0.70,27.70,30.00,+2.30,1948,2000,+52,isdnet,"
-                         "[paper]; memory most likely max_memory_allocated (ISDNet#24)")
+    assert lines[-1] == "UHR methods,ISDNet,73.30,74.00,+0.70,27.70,30.00,+2.30,1948,2000,+52,isdnet,"
 
 
-def test_rue_table_includes_k_sweep(store, tmp_path):
+def test_uhrnet_local_and_global_columns(store):
+    """UHRNet's Table II: "global" from our final prediction, "local" from the method's `local` output."""
+    from pipelines.published import our_results, published_table
+
+    ours = our_results("deepglobe")
+    key = ("uhrsnet", ())
+    ours["rows"][key]["outputs"] = {"local": 61.5}
+    table = published_table("paper_uhrsnet_deepglobe", ours).set_index("method")
+    assert list(table.index) == ["ICNet", "UNet", "PSPNet", "SegNet", "FCN-8s", "DeepLabv3+", "GLNet", "UHRNet"]
+    uhr = table.loc["UHRNet"]
+    assert (uhr["mIoU local (published)"], uhr["mIoU local (ours)"], uhr["mIoU local Δ (ours − published)"]) == \
+        ("71.4", "61.50", "-9.90")
+    assert (uhr["mIoU global (published)"], uhr["mIoU global (ours)"]) == ("72.0", "66.00")
+    assert table.loc["GLNet", "mIoU local (ours)"] == "not measured (glnet has no `local` output)"
+    assert table.loc["GLNet", "mIoU global (ours)"] == "65.00"
+
+
+def test_uhrsnet_output_read_from_mlflow(mlflow_store):
+    from pipelines.published import our_results
+
+    mlflow.set_tracking_uri(mlflow_store)
+    client = MlflowClient(mlflow_store)
+    exp = client.create_experiment("uhrbench-deepglobe")
+    _run(client, exp, "uhrsnet", "evaluate", {"headline": 0.7, "output.local.miou": 0.6512, "params_m": 1.0})
+    assert our_results("deepglobe")["rows"][("uhrsnet", ())]["outputs"] == {"local": 65.12}
+
+
+def test_literature_table_includes_k_sweep(store, tmp_path):
     from pipelines.published import our_results, published_table, with_sweeps
 
-    table = published_table("paper_rue_deepglobe").set_index("method")
+    table = published_table("literature_deepglobe").set_index("method")
+    assert table.loc["RUE (K = 100%)", "mIoU (published)"] == "75.1 [fig]"
     assert table.loc["RUE (K = 100%)", "mIoU (ours)"] == "76.00"
     assert table.loc["RUE (K = 100%)", "FPS Δ (ours − published)"] == "-4.40"
     assert table.loc["RUE (K = 50%)", "mIoU (ours)"] == "not measured (no rue K=0.5 run)"
     extra = table.loc["rue K=0.25"]  # a sweep point the figure does not have
     assert (extra["mIoU (published)"], extra["mIoU (ours)"], extra["FPS (ours)"]) == ("not published", "72.00", "70.00")
-    assert extra["provenance"] == "ours only (K sweep)"
+    assert extra["note"] == "ours only (K sweep)"
     assert table.loc["WSDNet", "mIoU (ours)"] == "published only"
-    assert published_table("paper_rue_urur").loc[0, "mIoU (ours)"] == "not measured (no urur run)"
+    assert published_table("literature_urur").loc[0, "mIoU (ours)"] == "not measured (no urur run)"
     # a sweep csv (`bench.py sweep`) adds the K the store does not have
     sweep = tmp_path / "results" / "sweeps" / "deepglobe" / "rue_k.csv"
     sweep.parent.mkdir(parents=True)
     pd.DataFrame([{"K": 0.5, "mIoU": 73.0, "headline": 73.0, "FPS": 55.0, "device": "Test GPU"}]).to_csv(sweep,
                                                                                                          index=False)
     ours = with_sweeps(our_results("deepglobe"), "deepglobe", _config(tmp_path))
-    with_csv = published_table("paper_rue_deepglobe", ours).set_index("method")
+    with_csv = published_table("literature_deepglobe", ours).set_index("method")
     assert with_csv.loc["RUE (K = 50%)", "mIoU (ours)"] == "73.00"
     assert with_csv.loc["RUE (K = 50%)", "mIoU Δ (ours − published)"] == "-0.70"
 
@@ -146,20 +174,20 @@ def test_rue_table_includes_k_sweep(store, tmp_path):
 def test_uhrsnet_ablation_table(tmp_path):
     from pipelines.published import ablation_table
 
-    missing = ablation_table("uhrsnet", "deepglobe", tmp_path / "uhrsnet_deepglobe.csv")
+    missing = ablation_table("uhrsnet", "deepglobe", tmp_path / "uhrsnet_deepglobe.csv", "Table III")
     assert len(missing) == 5 and set(missing["mIoU (ours)"]) == {"not measured (no uhrsnet_deepglobe.csv)"}
-    full = missing.iloc[-1]
-    assert full["mIoU (published)"] == '72.0 ("global"), 71.4 ("local")'
-    assert missing.iloc[0]["mIoU (published)"] == "—"
+    assert list(missing["mIoU (published)"]) == ["57.3", "63.1", "66.4", "70.9", "72.0"]
     csv = tmp_path / "uhrsnet_deepglobe.csv"
     csv.write_text("row,configuration,miou,iou.urban\nlocal,local,0.605,0.1\n"
                    "global_local_lff,global + local + LFF,0.7025,0.2\n")
-    table = ablation_table("uhrsnet", "deepglobe", csv)
-    assert list(table.iloc[0][["local branch", "LFF", "global branch"]]) == ["x", "", ""]  # the row's marks
+    table = ablation_table("uhrsnet", "deepglobe", csv, "Table III")
+    assert table.iloc[0]["configuration"] == "only local branch w/o fusion"
     assert list(table["mIoU (ours)"]) == ["60.50", "not measured (row not trained)", "not measured (row not trained)",
                                           "not measured (row not trained)", "70.25"]
     assert table.iloc[-1]["mIoU Δ (ours − published)"] == "-1.75"
-    assert table.iloc[0]["mIoU Δ (ours − published)"] == "no published value"
+    assert table.iloc[0]["mIoU Δ (ours − published)"] == "+3.20"
+    elsewhere = ablation_table("uhrsnet", "synthetic", csv, "Table III")
+    assert "mIoU (published, deepglobe)" in elsewhere.columns  # the paper's numbers say where they were measured
 
 
 def test_tables_command_writes_every_format(store, tmp_path):
@@ -174,16 +202,19 @@ def test_tables_command_writes_every_format(store, tmp_path):
     assert result.exit_code == 0, result.output
     out = tmp_path / "results" / "tables"
     names = sorted(p.name for p in out.iterdir())
-    for stem in ("paper_isdnet_deepglobe", "paper_isdnet_inria", "paper_isdnet_cityscapes", "paper_rue_deepglobe",
-                 "paper_rue_inria", "paper_rue_urur", "paper_uhrsnet_ablation_deepglobe"):
+    for stem in ("paper_isdnet_deepglobe", "paper_isdnet_inria", "paper_isdnet_cityscapes",
+                 "paper_isdnet_cityscapes_branches", "paper_uhrsnet_deepglobe", "literature_deepglobe",
+                 "literature_inria", "literature_cityscapes", "literature_urur", "paper_uhrsnet_table3_deepglobe"):
         assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex"} <= set(names)
     md = (out / "paper_isdnet_deepglobe.md").read_text()
-    assert md.startswith("# ISDNet (CVPR'22) deepglobe comparison")
+    assert md.startswith("# ISDNet (CVPR'22) Table 1: DeepGlobe test")
     assert "| ISDNet " in md and "| 73.30 " in md and "| +0.70 " in md and "published only" in md
     assert "run " in md and "commit abc1234" in md and "Test GPU" in md and "0.8x" in md
+    assert "Published: ISDNet, CVPR 2022: RTX 2080Ti" in md
     tex = (out / "paper_isdnet_cityscapes.tex").read_text()
     assert "\\begin{tabular}" in tex and "not measured (no cityscapes run)" in tex
-    assert pd.read_csv(out / "paper_rue_inria.csv").shape == (10, 9)
+    assert pd.read_csv(out / "literature_inria.csv").shape == (16, 13)
+    assert "[table] BPT (AAAI'25)" in (out / "literature_inria.md").read_text()  # the key of the source tags
 
 
 def test_plots_points_and_png(store, tmp_path):
@@ -194,14 +225,19 @@ def test_plots_points_and_png(store, tmp_path):
     mine = plots.our_points(ours)
     assert [p["label"] for p in mine] == ["isdnet", "rue K=1", "rue K=0.25"]  # glnet has no FPS: not drawn
     published = plots.published_points("deepglobe")
-    # DeepGlobe rows with a numeric FPS: GLNet 0.17, MagNet-Fast, ISDNet (table) + CascadePSP, PPN, WSDNet, SGHRQ,
-    # RUE x3 (figure); GLNet/FCtL "< 1" in the figure do not replace the table's numbers
-    assert sorted(p["label"] for p in published) == sorted(
-        ["GLNet", "MagNet-Fast", "ISDNet", "CascadePSP", "PPN", "WSDNet", "SGHRQ", "RUE (K = 100%)", "RUE (K = 75%)",
-         "RUE (K = 50%)"])
+    # ISDNet's Table 1 first (every row has an FPS; a name it prints twice is labelled by its group), then the
+    # literature's methods it lacks (WSDNet, SGHRQ, RUE x3 from RUE's figure, F2Net); the figure's GLNet "< 1"
+    # does not replace the table's 0.17
+    table1 = ["UNet (local inference)", "FCN-8s (local inference)", "DeepLabv3+ (local inference)",
+              "UNet (global inference)", "FCN-8s (global inference)", "DeepLabv3+ (global inference)", "BiSeNetV1",
+              "STDC", "GLNet", "CascadePSP", "PPN", "PointRend", "MagNet", "MagNet-Fast",
+              "FCtL (official checkpoint, no TTA)", "ISDNet"]
+    assert [p["label"] for p in published] == table1 + ["WSDNet", "SGHRQ", "RUE (K = 100%)", "RUE (K = 75%)",
+                                                        "RUE (K = 50%)", "F2Net"]
+    assert next(p for p in published if p["label"] == "GLNet")["fps"] == 0.17
     path = tmp_path / "acc.png"
     drawn = plots.accuracy_vs_fps({"deepglobe": published + mine, "inria": plots.published_points("inria")}, path)
-    assert len(drawn["deepglobe"]) == 13 and len(drawn["inria"]) == 8
+    assert len(drawn["deepglobe"]) == 25 and len(drawn["inria"]) == 13
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

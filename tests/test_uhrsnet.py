@@ -242,7 +242,8 @@ def test_ablation_configs_and_table(tmp_path):
                                 {("local", 0): result(0.5), ("global_local_lff", 0): result(0.6123)})
     assert md == tmp_path / "ablations" / "uhrsnet_deepglobe.md" and csv_path.suffix == ".csv"
     text = md.read_text()
-    assert "reconstructed" in text and "61.23" in text and "72.0" in text and "71.4" in text and "69.4" in text
+    assert "reconstructed" in text and "61.23" in text and "| 72.0 " in text and "| 57.3 " in text and "69.4" in text
+    assert "## UHRNet (ICPR'20) Table III" in text and "| both branches with local fusion " in text
     assert text.count("not measured (row not trained)") == 3
     assert csv_path.read_text().count("\n") == 3 and "iou.urban" in csv_path.read_text()
 
@@ -403,9 +404,11 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
                                                                      ("global_local_lff", 0)]
     from pipelines.published import ablation_table
 
-    table = ablation_table("uhrsnet", "synthetic", out / "uhrsnet_synthetic.csv").set_index("configuration")
+    table = ablation_table("uhrsnet", "synthetic", out / "uhrsnet_synthetic.csv", "Table III")
+    table = table.set_index("configuration").rename(index={"only local branch w/o fusion": "local",
+                                                            "both branches with local fusion": "global + local + LFF"})
     mean, std = 100 * scores["miou"][:2].mean(), 100 * scores["miou"][:2].std()
-    assert (table.loc["local", "mIoU (ours)"], table.loc["local", "std over seeds (ours)"]) == (f"{mean:.2f}",
+    assert (table.loc["local", "mIoU (ours)"], table.loc["local", "mIoU std over seeds (ours)"]) == (f"{mean:.2f}",
                                                                                               f"{std:.2f}")
     assert table.loc["local", "seeds"] == 2 and table.loc["global + local + LFF", "seeds"] == 1
     assert table.loc["local", "mIoU of the local output (ours)"] == ""
@@ -418,5 +421,7 @@ def test_ablation_command_end_to_end(tmp_path, tiny_synthetic, mlflow_store):
     from pipelines.report import tables
 
     written = tables(load_config(params))
-    paper = next(p for p in written if p.name == "paper_uhrsnet_ablation_deepglobe.md").read_text()
+    paper = next(p for p in written if p.name == "paper_uhrsnet_table3_deepglobe.md").read_text()
     assert "uhrsnet_deepglobe.csv" in paper
+    ours = next(p for p in written if p.name == "paper_uhrsnet_table3_synthetic.md").read_text()
+    assert "(published, deepglobe)" in ours and "compare the differences between rows" in ours

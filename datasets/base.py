@@ -29,7 +29,7 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a dataset declares about itself (DESIGN.md, Dataset contract)."""
+    """What a dataset declares about itself (README "Adding a dataset")."""
 
     name: str
     description: str

@@ -1,6 +1,6 @@
 """Cityscapes (gtFine): 2975 train / 500 val street scenes of 2048x1024, 19 trainIds, ignore 255.
 
-Provenance (../shared/specs/datasets.md section 3): packages `gtFine_trainvaltest.zip` (packageID 1) and
+Provenance (docs/specs/datasets.md section 3): packages `gtFine_trainvaltest.zip` (packageID 1) and
 `leftImg8bit_trainvaltest.zip` (packageID 3) from cityscapes-dataset.com, behind a login. The download follows what
 `cityscapesscripts`' `csDownload` does (`cityscapesscripts/download/downloader.py`): POST the login form to `/login`
 (success = redirect), GET `/file-handling/?packageID=<id>` with the session cookie, check the md5 served by

@@ -1,6 +1,6 @@
 """DeepGlobe Land Cover Classification (CVPR 2018 workshop): 803 labelled 2448x2448 RGB tiles, 7 classes.
 
-Provenance (../shared/specs/datasets.md section 1): only the 803 `land-train` tiles have masks; the UHR literature
+Provenance (docs/specs/datasets.md section 1): only the 803 `land-train` tiles have masks; the UHR literature
 splits them 454/207/142 with GLNet's lists (`datasets/splits/deepglobe_*.txt`; "455" in papers is a typo). Masks are
 RGB PNGs; class ids follow GLNet/ISDNet/RUE (unknown = 0 ... barren = 6, *not* torchgeo's order). The headline is mIoU
 over the 6 classes without "unknown" (GLNet `iou[1:]`); unknown is still trained and kept in the confusion matrix.

@@ -1,6 +1,6 @@
 """Inria Aerial Image Labeling (IGARSS 2017): 180 labelled 5000x5000 RGB tiles, buildings vs background.
 
-Provenance (../shared/specs/datasets.md section 2): public download, five 7-Zip volumes
+Provenance (docs/specs/datasets.md section 2): public download, five 7-Zip volumes
 `https://files.inria.fr/aerialimagelabeling/aerialimagelabeling.7z.001`...`.005` (parts 1-4 of 4,294,967,296 B, part
 5 of 3,777,396,691 B, from a third-party script that checks byte counts); they hold `NEW2-AerialImageDataset.zip`
 (md5 4b1acfe84ae9961edc1a6049f940380f, torchgeo `InriaAerialImageLabeling.md5`), which holds

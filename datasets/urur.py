@@ -1,6 +1,6 @@
 """URUR (Ji et al., CVPR 2023): 3008 ultra-high-resolution images (5120x5120) from 63 cities, 8 classes.
 
-Provenance (../shared/specs/datasets.md section 4): the only source is Baidu Pan
+Provenance (docs/specs/datasets.md section 4): the only source is Baidu Pan
 https://pan.baidu.com/s/14mUaovxu0ha1skWm57pf1A (password 75x6), per the `jankyee/URUR` README; there is no direct
 download, checksum, size or licence, so `--source` is required. The official train/val/test split is defined by the
 archive's folders (2157/280/571 per the paper, unverified: checked by default, overridable with `expected_counts`).

@@ -1,6 +1,6 @@
 """GLNet (Chen et al., CVPR 2019): a global ResNet-50 + FPN branch on the downsampled image and a
 local one on full-resolution patches, exchanging features inside their FPN heads, trained in three
-phases. Facts cite /work/shared/specs/glnet.md (§N); upstream is VITA-Group/GLNet @ 7b7bdee.
+phases. Facts cite docs/specs/glnet.md (§N); upstream is VITA-Group/GLNet @ 7b7bdee.
 
 The defaults reproduce the release's inference (tests/test_golden_glnet.py checks the logits of modes 1-3
 against the official code on the same weights): the global view is Pillow's bilinear resize of the uint8

@@ -1,6 +1,6 @@
 """RUE (Qin et al., CVPR 2025, "Boosting the Dual-Stream Architecture in UHR Segmentation with Resolution-Biased
 Uncertainty Estimation"). Clean-room re-implementation of the release `Qinrong-NKU/RUE` as specified in
-`specs/rue.md` ("§" below refers to that file); no upstream code is copied.
+`docs/specs/rue.md` ("§" below refers to that file); no upstream code is copied.
 
 Data flow (§1, §3):
 - deep stream: image 4x nearest-downsampled -> ResNet-18-V1c-D8 -> DAPPM (F_D, 128 ch) -> Dropout2d + 1x1 = O_D;

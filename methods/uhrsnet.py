@@ -1,5 +1,5 @@
 """UHRSNet-style (reconstructed): Shan et al., "UHRSNet: A Semantic Segmentation Network Specifically
-for Ultra-High-Resolution Images", ICPR 2020. Facts cite /work/shared/specs/uhrsnet.md (§N).
+for Ultra-High-Resolution Images", ICPR 2020. Facts cite docs/specs/uhrsnet.md (§N).
 
 THIS IS A RECONSTRUCTION, NOT UHRSNet's CODE. No code of UHRSNet exists anywhere (§0) and the paper body
 has not been checked; all that is known is its two claimed contributions (§1) and its headline DeepGlobe

@@ -1,7 +1,7 @@
 """torchrun / DDP plumbing shared by training and evaluation.
 
 `torchrun --nproc_per_node N bench.py train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; without them
-everything runs as a single process. nccl on CUDA, gloo on CPU (specs/protocol.md §8).
+everything runs as a single process. nccl on CUDA, gloo on CPU (docs/specs/protocol.md §8).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Measurement stage: latency, memory and cost of one method on one dataset.
 
-The protocol (specs/protocol.md §1-3, README "Measurement protocol") in brief: exactly
+The protocol (docs/specs/protocol.md §1-3, README "Measurement protocol") in brief: exactly
 `model.predict` is timed (eval, inference_mode, batch 1, input on the device), warm-up discarded,
 synchronised on CUDA, FPS = 1 / median; memory from a background NVML/RSS poller and torch's peak
 counters, "unavailable" where a source is missing (never estimated); parameters on the inference

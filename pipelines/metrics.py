@@ -2,7 +2,7 @@
 
 Rows are ground truth, columns predictions. Accumulated with `bincount` over every pixel of the
 split (never per-image means, never float histograms: float32 counts stop being exact at 2^24
-pixels, less than one Inria tile; specs/protocol.md §4).
+pixels, less than one Inria tile; docs/specs/protocol.md §4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ISDNet against specs/isdnet.md: sizes, cost, interface, losses and their gradients, the Laplacian input, RAF init,
+"""ISDNet against docs/specs/isdnet.md: sizes, cost, interface, losses and their gradients, the Laplacian input, RAF init,
 and loading the release checkpoint layout."""
 from __future__ import annotations
 

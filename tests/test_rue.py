@@ -1,4 +1,4 @@
-"""RUE against specs/rue.md: Estimator, Selector (top-K, ties, batches, non-divisible sizes), Ensembler,
+"""RUE against docs/specs/rue.md: Estimator, Selector (top-K, ties, batches, non-divisible sizes), Ensembler,
 Complementer, runtime K, parameter counts, the release's state-dict layout and the recipes in params.yaml."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """mmseg / mmcv conventions shared by the methods re-implemented from mmseg releases (ISDNet, RUE): the ConvModule
 equivalent and its init, the `conv_seg` init, the conv_seg head (isdhead `SegmentationHead`), mmseg's
-cross-entropy and the official-key mapping helper. "§" refers to `specs/isdnet.md`.
+cross-entropy and the official-key mapping helper. "§" refers to `docs/specs/isdnet.md`.
 """
 from __future__ import annotations
 

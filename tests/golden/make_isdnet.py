@@ -10,7 +10,7 @@ is built from the upstream DeepGlobe config as `tools/test.py` builds it, loads 
 normalised by the config's own test pipeline (BGR PNG -> Normalize to_rgb with the config's img_norm_cfg), minus the
 Resize to 2448 (the fixture input is small). Prints our-vs-official numbers, then writes the fixtures.
 
-    /work/sidevenv/bin/python tests/golden/make_isdnet.py --upstream /path/to/ISDNet   # a tree at 7341335
+    <side venv>/bin/python tests/golden/make_isdnet.py --upstream /path/to/ISDNet   # a tree at 7341335
 """
 from __future__ import annotations
 

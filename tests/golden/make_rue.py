@@ -17,7 +17,7 @@ and runs upstream inference (`whole_inference`, rescale) on the image loaded and
 pipeline (BGR PNG -> Normalize to_rgb with RUE's DeepGlobe img_norm_cfg), minus the Resize to 2448 (the fixture
 input is small; 512 = 8 patches of 64). Prints our-vs-official numbers, then writes the fixtures.
 
-    /work/sidevenv/bin/python tests/golden/make_rue.py --upstream /path/to/RUE@ccbfce2 \
+    <side venv>/bin/python tests/golden/make_rue.py --upstream /path/to/RUE@ccbfce2 \
         --deepglobe-head /path/to/RUE@ad3097f/mmseg/models/decode_heads/isdhead_patch_deep.py
 """
 from __future__ import annotations

@@ -18,19 +18,16 @@ def one_line_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from datasets.base import DatasetError
-        from methods.base import MethodError
-        from pipelines.checkpoints import CheckpointError
-        from pipelines.config import ConfigError
-        from pipelines.train import TrainingError
-
         try:
             return func(*args, **kwargs)
-        except (ConfigError, DatasetError, MethodError, TrainingError, CheckpointError) as exc:
+        except user_errors() as exc:  # an `except` clause is evaluated only once an exception is raised
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__) from None
         except KeyboardInterrupt as exc:
             click.echo(f"Stopped: {exc}" if str(exc) else "Stopped.", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`bench.py list | head -1`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python docs: no error at exit flush
+            sys.exit(0)
         except OSError as exc:
             raise click.ClickException(os_error_line(exc)) from None
         except Exception as exc:
@@ -42,6 +39,17 @@ def one_line_errors(func):
                                        f"in {log}, or run again with `bench.py --debug ...`") from None
 
     return wrapper
+
+
+# (module, class) of the errors a user can cause; tests/test_cli_fast.py checks each still names the class.
+USER_ERRORS = (("pipelines.schema", "ConfigError"), ("datasets.base", "DatasetError"), ("methods.base", "MethodError"),
+               ("pipelines.train", "TrainingError"), ("pipelines.checkpoints", "CheckpointError"))
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The user-error classes whose modules are imported. An exception of a class never imported cannot have been
+    raised, so the torch-free commands (`list`, `env --no-torch`) need not import torch to be wrapped."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
 
 
 def os_error_line(exc: OSError) -> str:
@@ -114,26 +122,48 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command("list")
 @one_line_errors
 def list_cmd() -> None:
-    """Registered methods and datasets."""
-    from datasets import list_datasets
-    from methods import list_methods
+    """Registered methods and datasets (read from their modules' source: no torch, about a second)."""
+    from pipelines.discovery import CatalogError, dataset_catalog, method_catalog
 
+    try:
+        methods = {name: entry.description for name, entry in method_catalog().items()}
+        datasets = dataset_catalog()
+    except CatalogError:  # a registration not written literally: ask the imported registries (slow, same answer)
+        from datasets import list_datasets
+        from methods import list_methods
+
+        methods, datasets = list_methods(), list_datasets()
     click.echo("methods:")
-    for name, text in list_methods().items():
+    for name, text in methods.items():
         click.echo(f"  {name:<10} {text}")
     click.echo("datasets:")
-    for name, text in list_datasets().items():
+    for name, text in datasets.items():
         click.echo(f"  {name:<10} {text}")
 
 
 @cli.command()
 @click.option("--device", default="auto", show_default=True)
+@click.option("--no-torch", is_flag=True,
+              help="skip everything that needs torch (device, CUDA, cuDNN, driver): versions from package metadata, "
+                   "git commit and MLflow URI in about a second")
 @one_line_errors
-def env(device: str) -> None:
-    """Device, library versions and git commit, as recorded with every result."""
-    from pipelines.tracking import environment_info, resolve_device, tracking_uri
+def env(device: str, no_torch: bool) -> None:
+    """Device, library versions and git commit, as recorded with every result.
 
-    for key, value in {**environment_info(resolve_device(device)), "mlflow_tracking_uri": tracking_uri()}.items():
+    Importing torch takes seconds (tens on a loaded machine); `--no-torch` answers without it."""
+    if no_torch:
+        if device != "auto":
+            from pipelines.schema import ConfigError  # the error `resolve_device` raises; one line, as it does
+
+            raise ConfigError(f"--device {device} needs torch; drop --no-torch to check the device")
+        from pipelines.discovery import environment_info
+
+        info = environment_info()
+    else:
+        from pipelines.tracking import environment_info, resolve_device, tracking_uri
+
+        info = {**environment_info(resolve_device(device)), "mlflow_tracking_uri": tracking_uri()}
+    for key, value in info.items():
         click.echo(f"{key:<20} {value}")
 
 
@@ -208,14 +238,16 @@ def evaluate(dataset: str, method: str, split: str | None, device: str, official
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="write the table to this file")
 @click.option("--run-id", "run_ids", multiple=True, help="use these evaluation runs instead of the latest")
 @click.option("--all", "all_runs", is_flag=True, help="every finished evaluation, not only the latest per method")
+@click.option("--per-class", is_flag=True, help="add every class's IoU and every measured column (wide)")
 @one_line_errors
-def compare(dataset: str, fmt: str, output: str | None, run_ids: tuple[str, ...], all_runs: bool) -> None:
+def compare(dataset: str, fmt: str, output: str | None, run_ids: tuple[str, ...], all_runs: bool,
+            per_class: bool) -> None:
     """Comparison table of the methods evaluated on a dataset, from MLflow."""
     from datasets import get_dataset
     from pipelines.report import comparison_table, format_table
 
     get_dataset(dataset)
-    text = format_table(comparison_table(dataset, list(run_ids), all_runs), fmt)
+    text = format_table(comparison_table(dataset, list(run_ids), all_runs, per_class=per_class), fmt)
     if output:
         with open(output, "w") as handle:
             handle.write(text)
@@ -316,25 +348,34 @@ def config_cmd(dataset: str, method: str, params: str | None, overrides: tuple[s
 
 
 @cli.command()
+@click.option("--all", "all_datasets", is_flag=True,
+              help="also the tables of datasets we have no run of (published numbers only)")
 @click.option("--params", default=None, help=PARAMS_HELP)
 @one_line_errors
-def tables(params: str | None) -> None:
-    """Regenerate the published tables (ISDNet, RUE, UHRSNet) with our numbers beside them in results/tables/."""
+def tables(all_datasets: bool, params: str | None) -> None:
+    """The papers' tables (ISDNet 1-7, UHRNet II-III) and the literature tables, ours beside, in results/tables/."""
     from pipelines.report import tables as run
 
-    for path in run(_config(params)):
+    skipped: list[str] = []
+    for path in run(_config(params), all_datasets, skipped):
         click.echo(f"wrote {path}")
+    for line in skipped:
+        click.echo(line)
 
 
 @cli.command()
 @click.option("--params", default=None, help=PARAMS_HELP)
 @one_line_errors
 def report(params: str | None) -> None:
-    """Comparison tables, published tables (`tables`), plots and results/README.md."""
+    """Comparison tables, published tables (`tables`), plots and results/README.md; prints the comparison."""
     from pipelines.report import report as run
+    from pipelines.report import summary_text
 
-    for path in run(_config(params)):
-        click.echo(f"wrote {path}")
+    config = _config(params)
+    written = run(config)
+    click.echo(f"wrote {len(written)} files under {config.results_root} (index: "
+               f"{config.results_root / 'README.md'})\n")
+    click.echo(summary_text(config))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Datasets: one module each (`datasets/<name>.py`), found and imported here, so registering a dataset in its own
-module is all it takes to add one. `base`, `download` and `transforms` are shared and register nothing."""
+module is all it takes to add one. `base`, `download` and `transforms` are shared and register nothing.
+
+Call `register_dataset(INFO, prepare)` with `INFO = DatasetInfo(name="...", description="...", ...)` written in the
+module: `bench.py list` reads both literals from the source without importing torch (pipelines/discovery.py)."""
 import importlib
 import pkgutil
 

@@ -1,5 +1,8 @@
 """Methods: one module each, named after the method (`methods/<name>.py`), found and imported here so that
-registering a class is all it takes to add one. Shared building blocks live in `methods/blocks/`."""
+registering a class is all it takes to add one. Shared building blocks live in `methods/blocks/`.
+
+Write `name`, `description` (and `label`, `aliases=`) as literals in the registered class itself: `bench.py list` reads
+them from the source without importing torch (pipelines/discovery.py; tests/test_cli_fast.py checks they agree)."""
 import importlib
 import pkgutil
 

@@ -15,10 +15,11 @@ from pipelines.tables import SUFFIX, format_table, pct, write_table
 
 
 def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: bool = False,
-                     methods: list[str] | None = None) -> pd.DataFrame:
+                     methods: list[str] | None = None, per_class: bool = False) -> pd.DataFrame:
     """One row per method and variant (e.g. RUE's K): its latest finished evaluation unless
     `run_ids`/`all_runs` say otherwise, joined with its latest measurement of the same variant. `methods`
-    (registry names) keeps only those methods' rows. Each declared runtime knob gets a column."""
+    (registry names) keeps only those methods' rows. Each declared runtime knob gets a column. Compact: accuracy,
+    then speed, memory and cost; `per_class` adds every class's IoU and the other measured columns at the end."""
     info = get_dataset(dataset).info
     runs = tracking.finished_runs(dataset, "evaluate")
     if runs.empty:
@@ -49,12 +50,14 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
         row[_headline_name(info.headline)] = pct(run.get("metrics.headline"))
         if info.headline != "miou":
             row["mIoU"] = pct(run.get("metrics.miou"))
-        for name in info.class_names:
-            row[f"IoU {name}"] = pct(run.get(f"metrics.iou.{name}"))
-        row.update(_measurement(measures, run["tags.method"], run["variant"]))
+        measured = _measurement(measures, run["tags.method"], run["variant"])
+        row.update({name: measured[name] for name in COMPACT})
         row["params (M)"] = round(float(run.get("metrics.params_m")), 2)
         row["device"] = run.get("tags.env.device_name", "")
         row["run"] = run["run_id"][:8]
+        if per_class:
+            row.update({f"IoU {name}": pct(run.get(f"metrics.iou.{name}")) for name in info.class_names})
+            row.update({name: value for name, value in measured.items() if name not in COMPACT})
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(["method", "variant"], kind="stable").reset_index(drop=True)
     if (table["variant"] == "default").all():
@@ -62,9 +65,13 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
     return table
 
 
+# measured columns: name -> MLflow metric of the measure run ("peak memory" is filled by _peak_memory)
 MEASURED = {"FPS": "fps", "latency p50 (ms)": "latency_ms_median", "latency p90 (ms)": "latency_ms_p90",
-            "NVML peak (MB)": "nvml_process_peak_mib", "torch peak alloc (MB)": "torch_max_allocated_mib",
-            "CPU RSS growth (MB)": "rss_peak_growth_mib", "GMACs": "gmacs"}
+            "NVML peak (MiB)": "nvml_process_peak_mib", "torch peak alloc (MiB)": "torch_max_allocated_mib",
+            "CPU RSS growth (MiB)": "rss_peak_growth_mib", "GMACs": "gmacs"}
+COMPACT = ("FPS", "latency p50 (ms)", "peak memory (MiB)", "GMACs")
+PEAK_MEMORY_NOTE = ("peak memory: the NVML per-process peak on a GPU (CUDA context included), the process RSS growth "
+                    "on a CPU; latency p50 = median of the timed batch-1 calls, FPS = 1 / p50.")
 
 
 def _measurement(measures: pd.DataFrame, method: str, variant: str) -> dict:
@@ -72,16 +79,24 @@ def _measurement(measures: pd.DataFrame, method: str, variant: str) -> dict:
     hit = measures[(measures["tags.method"] == method) & (measures["variant"] == variant)] if not measures.empty \
         else measures
     if hit.empty:
-        return {**{name: "not measured" for name in MEASURED}, "precision": "", "input size": ""}
+        return {**{name: "not measured" for name in (*MEASURED, *COMPACT)}, "precision": "", "input size": ""}
     run = hit.iloc[0]
     out = {}
     for name, key in MEASURED.items():
         value = run.get(f"metrics.{key}")
         out[name] = round(float(value), 2) if value is not None and not pd.isna(value) else run.get(
             f"tags.{key}", "unavailable")
+    out["peak memory (MiB)"] = _peak_memory(out)
     out["precision"] = run.get("tags.precision", "")
     out["input size"] = run.get("tags.input_size", "")
     return out
+
+
+def _peak_memory(measured: dict):
+    for name in ("NVML peak (MiB)", "CPU RSS growth (MiB)"):
+        if isinstance(measured[name], float):
+            return measured[name]
+    return measured["NVML peak (MiB)"]
 
 
 def _headline_name(headline: str) -> str:
@@ -94,10 +109,13 @@ def compare_tables(config: Config) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in config.benchmark_datasets:
-        table = comparison_table(dataset, methods=config.benchmark_methods)
-        for fmt in ("md", "csv", "latex"):
+        compact = comparison_table(dataset, methods=config.benchmark_methods)
+        full = comparison_table(dataset, methods=config.benchmark_methods, per_class=True)
+        for fmt, table in (("md", compact), ("latex", compact), ("csv", full)):  # csv: every column
             path = out_dir / f"compare_{dataset}.{SUFFIX[fmt]}"
-            path.write_text(format_table(table, fmt))
+            text = format_table(table, fmt)
+            path.write_text(text + (f"\n- {PEAK_MEMORY_NOTE}\n- Per-class IoU: compare_{dataset}.csv.\n"
+                                    if fmt == "md" else ""))
             written.append(path)
     return written
 
@@ -107,9 +125,10 @@ def report(config: Config) -> list[Path]:
     and results/README.md listing where each table came from."""
     written = compare_tables(config)
     written.append(write_summary(config))
-    written += tables(config)
+    skipped: list[str] = []
+    written += tables(config, skipped=skipped)
     written += plots.all_plots(config)
-    written.append(write_readme(config, written))
+    written.append(write_readme(config, written, skipped))
     return written
 
 
@@ -136,12 +155,15 @@ def write_summary(config: Config) -> Path:
     return path
 
 
-def tables(config: Config) -> list[Path]:
-    """Regenerate the published tables into results/tables/paper_*: every table of docs/published/tables.yaml, ours
-    beside it (with knob sweeps), and each method's published ablation with `bench.py ablation`'s scores."""
+def tables(config: Config, all_datasets: bool = False, skipped: list[str] | None = None) -> list[Path]:
+    """Regenerate the published tables into results/tables/: every table of docs/published/tables.yaml, ours beside
+    it (with knob sweeps), and each method's ablation tables with `bench.py ablation`'s scores. Only for datasets
+    with runs of ours (ablations: with scores) unless `all_datasets`; `skipped` collects one line per table left
+    out."""
     out_dir = config.results_root / "tables"
     out_dir.mkdir(parents=True, exist_ok=True)
     cache: dict[str, dict] = {}
+    skipped = [] if skipped is None else skipped
 
     def ours(dataset: str) -> dict:
         if dataset not in cache:
@@ -151,17 +173,51 @@ def tables(config: Config) -> list[Path]:
     written = []
     for table_id, spec in published.tables().items():
         dataset = spec["dataset"]
+        if not (all_datasets or ours(dataset)["runs"]):
+            skipped.append(f"{table_id}: not written, no {dataset} run of ours (`bench.py tables --all` writes it "
+                           "with the published numbers only)")
+            continue
         notes = [published.ours_note(dataset, ours(dataset)), *published.table_notes(spec)]
         written += write_table(published.published_table(table_id, ours(dataset)), out_dir / table_id,
                                spec["title"], notes)
     for method, table, dataset in ablation_outputs(config):
         scores = ablation_scores(config, method, dataset)
-        written += write_table(published.ablation_table(method, dataset, scores, table),
-                               out_dir / f"{published.ablation_id(method, table)}_{dataset}",
+        name = f"{published.ablation_id(method, table)}_{dataset}"
+        if not (all_datasets or scores.is_file()):
+            skipped.append(f"{name}: not written, no `bench.py ablation --dataset {dataset} --method {method}` "
+                           "scores (`bench.py tables --all` writes it with the published numbers only)")
+            continue
+        written += write_table(published.ablation_table(method, dataset, scores, table), out_dir / name,
                                published.ablation_title(method, table),
                                [f"Ours from `python bench.py ablation --dataset {dataset} --method {method}` "
-                                f"({scores}).", *published.ablation_notes(method, table, dataset)])
+                                f"({_relative(config, scores)}).", *published.ablation_notes(method, table, dataset)])
     return written
+
+
+def display_uri(uri: str) -> str:
+    """A tracking URI as written into results: a store inside the repository without the clone's absolute path."""
+    from pipelines.config import REPO_ROOT
+
+    prefix = f"sqlite:///{REPO_ROOT}/"
+    return "sqlite:///" + uri[len(prefix):] + " (repository root)" if uri.startswith(prefix) else uri
+
+
+def _relative(config: Config, path: Path) -> str:
+    """A results path as users see it: relative to the results root's parent (no clone path in notes)."""
+    try:
+        return str(path.relative_to(config.results_root.parent))
+    except ValueError:
+        return str(path)
+
+
+def summary_text(config: Config) -> str:
+    """What the report stage prints at the end of `dvc repro`: each benchmark dataset's compact comparison."""
+    parts = []
+    for dataset in config.benchmark_datasets:
+        table = comparison_table(dataset, methods=config.benchmark_methods)
+        parts.append(f"{dataset} ({published.headline_label(dataset)} on the `{config.section('evaluate')['split']}` "
+                     f"split, profile `{config.profile}`):\n{format_table(table, 'terminal')}")
+    return "\n".join(parts) + f"{PEAK_MEMORY_NOTE}\nPer-class IoU: `bench.py compare --dataset D --per-class`."
 
 
 def ablation_outputs(config: Config) -> list[tuple[str, str, str]]:
@@ -180,14 +236,14 @@ def ablation_outputs(config: Config) -> list[tuple[str, str, str]]:
     return out
 
 
-def write_readme(config: Config, written: list[Path]) -> Path:
+def write_readme(config: Config, written: list[Path], skipped: list[str] = ()) -> Path:
     """results/README.md: each table and plot with the commit, date, device and protocol it came from,
     and the protocol differences from the papers."""
     root = config.results_root
     specs = published.tables()
     lines = ["# Results", "", "Generated by `python bench.py report` (do not edit). Every number of ours comes from "
-             f"the MLflow store `{tracking.tracking_uri()}`; published numbers come from docs/published/tables.yaml "
-             "with their provenance in each table.", "", "## Tables", "",
+             f"the MLflow store `{display_uri(tracking.tracking_uri())}`; published numbers come from "
+             "docs/published/tables.yaml with their provenance in each table.", "", "## Tables", "",
              "| file | what | ours from (run, commit, date, device, scale, precision) |", "| --- | --- | --- |"]
     seen = set()
     for path in written:
@@ -208,6 +264,8 @@ def write_readme(config: Config, written: list[Path]) -> Path:
             source = f"{ablation_scores(config, method, dataset).relative_to(root)} (`bench.py ablation`)"
         lines.append(f"| [{path.relative_to(root)}]({path.relative_to(root)}) (+ .csv, .tex) | {what} | "
                      f"{source.replace('|', '/')} |")
+    if skipped:
+        lines += ["", "Not written:", ""] + [f"- {line}" for line in skipped]
     plots = [p for p in written if p.suffix == ".png"]
     if plots:
         lines += ["", "## Plots", ""] + [f"- [{p.relative_to(root)}]({p.relative_to(root)})" for p in plots]

@@ -75,13 +75,20 @@ def test_compare_table_shows_k_and_not_measured(store):
     glnet = table.iloc[0]
     assert glnet["K"] == "" and glnet["FPS"] == "not measured" and glnet["mIoU"] == 65.0
     isdnet = table.iloc[1]
-    assert isdnet["mIoU"] == 74.0 and isdnet["torch peak alloc (MB)"] == 2000.0 and isdnet["NVML peak (MB)"] == 2300.0
-    assert isdnet["CPU RSS growth (MB)"] == "unavailable" and isdnet["params (M)"] == 12.35
+    assert isdnet["mIoU"] == 74.0 and isdnet["peak memory (MiB)"] == 2300.0 and isdnet["params (M)"] == 12.35
+    assert list(table.columns) == ["method", "K", "variant", "mIoU", "FPS", "latency p50 (ms)", "peak memory (MiB)",
+                                   "GMACs", "params (M)", "device", "run"]  # compact: no per-class IoU
     md = format_table(table, "md")
     assert "| rue      | 0.25 | k0.25" in md and "| glnet    |      | default" in md
-    csv = format_table(table, "csv").splitlines()
-    assert csv[0].startswith("method,K,variant,mIoU,IoU unknown,IoU urban")
-    assert csv[1].startswith("glnet,,default,65.0,,65.0")
+    assert max(len(line) for line in md.splitlines()) < 160
+    full = comparison_table("deepglobe", methods=["glnet", "isdnet", "rue"], per_class=True)
+    csv = format_table(full, "csv").splitlines()
+    assert csv[0].startswith("method,K,variant,mIoU,FPS,latency p50 (ms),peak memory (MiB),GMACs,params (M),device,"
+                             "run,IoU unknown,IoU urban")
+    assert csv[1].startswith("glnet,,default,65.0,not measured")
+    isd = full.iloc[1]
+    assert isd["torch peak alloc (MiB)"] == 2000.0 and isd["NVML peak (MiB)"] == 2300.0
+    assert isd["CPU RSS growth (MiB)"] == "unavailable"
     assert "\\begin{tabular}" in format_table(table, "latex")
     # filtering is by registry name; the table shows a method's label beside it
     labelled = comparison_table("deepglobe", methods=["uhrsnet"])
@@ -200,7 +207,13 @@ def test_tables_command_writes_every_format(store, tmp_path):
                       .replace("results_root: results", f"results_root: {tmp_path / 'results'}"))
     result = CliRunner().invoke(cli, ["tables", "--params", str(params)])
     assert result.exit_code == 0, result.output
+    # only deepglobe was run: the other datasets' tables are one line each, not files of "not measured"
+    assert "paper_isdnet_inria: not written, no inria run of ours" in result.output
+    assert "wrote" in result.output and "paper_isdnet_deepglobe.md" in result.output
     out = tmp_path / "results" / "tables"
+    assert not (out / "paper_isdnet_inria.md").exists()
+    result = CliRunner().invoke(cli, ["tables", "--all", "--params", str(params)])
+    assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
     for stem in ("paper_isdnet_deepglobe", "paper_isdnet_inria", "paper_isdnet_cityscapes",
                  "paper_isdnet_cityscapes_branches", "paper_uhrsnet_deepglobe", "literature_deepglobe",
@@ -264,6 +277,15 @@ def test_report_writes_tables_plots_readme(store, tmp_path):
     assert "commit abc1234" in readme and "Test GPU" in readme and "0.8x" in readme
     assert "max_memory_allocated" in readme and "building IoU" in readme
     assert "plots/knob_sweeps.png" in readme
+    assert "- paper_isdnet_inria: not written, no inria run of ours" in readme  # said in one line
+    from pipelines.config import REPO_ROOT
+
+    assert str(REPO_ROOT) not in readme  # no clone path in what users read
+    from pipelines.report import summary_text
+
+    text = summary_text(config)
+    assert text.startswith("deepglobe (mIoU on the `test` split, profile `smoke`):") and "isdnet" in text
+    assert "IoU urban" not in text and "peak memory" in text
 
 
 def test_scaling_and_k_sweep_data(tmp_path):

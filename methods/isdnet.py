@@ -1,10 +1,33 @@
 """ISDNet (Guo et al., CVPR 2022): a deep branch on the 4x-downsampled image and a shallow STDC branch on the
 full-resolution Laplacian residuals, fused by Relation-Aware Fusion (RAF). Clean-room re-implementation of the
-official release `cedricgsh/ISDNet` as specified in `specs/isdnet.md` ("§" below refers to that file).
+official release `cedricgsh/ISDNet` as specified in `docs/specs/isdnet.md` ("§" below refers to that file).
 
 Module names follow the release (`backbone`, `decode_head`, `auxiliary_head`, `refine_head.{stdc_net, fuse16,
 fuse8, conv_seg, sr_decoder}`) so `load_official` is a short list of renames; the two auxiliary heads get their
 correct names (upstream `conv_seg_aux_16` runs at 1/8 and `conv_seg_aux_8` at 1/16, §2.6, §9.1 #8).
+
+Ablations (paper Tables 5-7, `ISDNet.ablations`, `bench.py ablation --method isdnet`). The official code has only
+the full model, so the switches below are OUR reading of the paper's text; the defaults build exactly the full
+model (same modules, keys and outputs).
+- `branches` ("both" | "deep" | "shallow", Table 5 D / S): deep only predicts the deep ASPP logits upsampled to the
+  input size and trains decode CE + the FCN auxiliary (no refine head is built). Shallow only (our choice): the STDC
+  trunk alone, its 1/8 features projected to 128 ch by a ConvBNReLU 3x3 (`refine_head.project8`, like RAF's own
+  projection) into the usual `conv_seg`, and an auxiliary SegmentationHead directly on the 1/16 features
+  (`refine_head.aux_head16`, 512 -> 64 -> classes). Keywords of a branch that is not built have no effect.
+- scales (Table 5 input): the deep branch sees the image at 1/`down_ratio` (4 = 1/4, 1 = full); `shallow_scale`
+  (1.0 = full, 0.25 = 1/4) bilinearly resizes the shallow branch's input; predictions are upsampled to input size.
+- `shallow_input` (Table 7 H): "laplacian" = the 6-channel cat[H0, up(H1)]; "rgb" = the normalised RGB image
+  (STDC `in_channels=3`). The SR target H0 + up(H1) always comes from the full-size image's Laplacian pyramid.
+- RAF (Table 6): `channel_weights` (CW) = the sigmoid channel gates on both branches (without them the ChannelAtt
+  projections are kept, the attention convs are neither built nor run); `relation` lists the gates that get the
+  relation-MLP term: "shallow" = M_s (`g1 * relu(spatial_mlp(relation))` in the spatial gate), "deep" = M_d (the
+  same with `g2`, `context_mlp` in the context gate); it needs CW. `fusion`: "add" = smooth(s' + head(up(c'))) as
+  upstream; "cat" (our choice) = smooth(ConvBNReLU 1x1 (2C -> C)(cat[s', head(up(c'))])), ADD + CW being BiSeNet's
+  ARM and CAT + CW its FFM as the paper says.
+- losses (Table 7): `recon_weight` = L_SR, `fa_weight` = L_SD. At 0 the term is not returned; with both at 0 the SR
+  decoder is neither built nor run (so nothing untrained sits in the model and DDP needs no unused-parameter
+  search). L_SD distils the SR decoder's features, which only L_SR trains, so fa_weight > 0 needs recon_weight > 0;
+  both need the deep branch. L_AUX (aux heads + FCN auxiliary head) is on in every configuration.
 """
 from __future__ import annotations
 
@@ -16,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import LoadReport, MethodError, ParamCount, UHRMethod, register_method
+from methods.base import Ablation, LoadReport, MethodError, ParamCount, UHRMethod, register_method
 from methods.blocks.backbones import read_state_dict, resnet_v1c
 from methods.blocks.heads import ASPPHead, FCNHead, SampleSafeBatchNorm2d
 from methods.blocks.mmseg import (
@@ -94,50 +117,88 @@ def laplacian_input(residuals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, to
 
 
 class ChannelAtt(nn.Module):
-    """feat = ConvBNReLU 3x3 (in -> out); att = BN(conv 1x1(GAP(feat))), no activation (§2.5 step 1)."""
+    """feat = ConvBNReLU 3x3 (in -> out); att = BN(conv 1x1(GAP(feat))), no activation (§2.5 step 1). Without
+    `attention` (ablation, no CW) only the projection is built and att is None."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, attention: bool = True) -> None:
         super().__init__()
         self.conv_bn_relu = conv_bn(in_channels, out_channels, 3)
-        self.conv_1x1 = pooled_conv_bn(out_channels)
+        if attention:
+            self.conv_1x1 = pooled_conv_bn(out_channels)
+        self.attention = attention
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         feat = self.conv_bn_relu(x)
-        return feat, self.conv_1x1(feat.mean(dim=(2, 3), keepdim=True))
+        return feat, self.conv_1x1(feat.mean(dim=(2, 3), keepdim=True)) if self.attention else None
+
+
+FUSIONS = ("add", "cat")
+RELATIONS = ("shallow", "deep")
 
 
 class RelationAwareFusion(nn.Module):
     """RAF (§2.5): channel attention on both inputs, a (groups x groups) relation matrix between the two attention
     vectors split into `groups` groups of consecutive channels, two MLPs (with a trailing ReLU) on the flattened
     relation, gates `g1`, `g2` (zero at init: plain per-branch channel attention), then
-    out = BN(conv3x3(s' + ConvBNReLU(up(c')))) without ReLU. Returns (s', c'', out)."""
+    out = BN(conv3x3(s' + ConvBNReLU(up(c')))) without ReLU. Returns (s', c'', out).
 
-    def __init__(self, channels: int, in_channels: int, groups: int = 16) -> None:
+    Ablation switches (Table 6, module docstring): `channel_weights` False drops the gates (s', c' are the plain
+    projections), `relation` names the gates that get their MLP term ("shallow": g1, "deep": g2; only those MLPs and
+    scalars are built), `fusion="cat"` replaces the sum by a ConvBNReLU 1x1 on the concatenation (`cat_conv`)."""
+
+    def __init__(self, channels: int, in_channels: int, groups: int = 16, fusion: str = "add",
+                 channel_weights: bool = True, relation: Sequence[str] = RELATIONS) -> None:
         super().__init__()
         if groups * groups != 2 * channels or channels % groups:
             raise MethodError(f"RAF needs groups^2 == 2 * channels (upstream r=16, C=128), got {groups}, {channels}")
+        if fusion not in FUSIONS:
+            raise MethodError(f"RAF fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        if relation and not channel_weights:
+            raise MethodError(f"RAF relation terms {list(relation)} modulate the channel gates: they need "
+                              "channel_weights")
         self.groups = groups
-        self.g1 = nn.Parameter(torch.zeros(1))
-        self.g2 = nn.Parameter(torch.zeros(1))
-        self.spatial_mlp = nn.Sequential(nn.Linear(2 * channels, channels), nn.ReLU(), nn.Linear(channels, channels))
-        self.spatial_att = ChannelAtt(in_channels, channels)
-        self.context_mlp = nn.Sequential(nn.Linear(2 * channels, channels), nn.ReLU(), nn.Linear(channels, channels))
-        self.context_att = ChannelAtt(channels, channels)
+        self.fusion = fusion
+        self.channel_weights = channel_weights
+        self.relation = tuple(r for r in RELATIONS if r in relation)
+        if "shallow" in self.relation:
+            self.g1 = nn.Parameter(torch.zeros(1))
+        if "deep" in self.relation:
+            self.g2 = nn.Parameter(torch.zeros(1))
+        if "shallow" in self.relation:
+            self.spatial_mlp = nn.Sequential(nn.Linear(2 * channels, channels), nn.ReLU(),
+                                             nn.Linear(channels, channels))
+        self.spatial_att = ChannelAtt(in_channels, channels, attention=channel_weights)
+        if "deep" in self.relation:
+            self.context_mlp = nn.Sequential(nn.Linear(2 * channels, channels), nn.ReLU(),
+                                             nn.Linear(channels, channels))
+        self.context_att = ChannelAtt(channels, channels, attention=channel_weights)
         self.context_head = conv_bn(channels, channels, 3)
+        if fusion == "cat":
+            self.cat_conv = conv_bn(2 * channels, channels, 1)
         self.smooth = conv_bn(channels, channels, 3, act=False)
 
     def forward(self, spatial: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s_feat, s_att = self.spatial_att(spatial)
         c_feat, c_att = self.context_att(context)
-        b, c = s_att.shape[:2]
-        relation = torch.bmm(s_att.view(b, self.groups, c // self.groups),
-                             c_att.view(b, self.groups, c // self.groups).transpose(1, 2)).view(b, -1)
-        s_gate = torch.sigmoid(s_att + self.g1 * F.relu(self.spatial_mlp(relation)).view(b, c, 1, 1))
-        c_gate = torch.sigmoid(c_att + self.g2 * F.relu(self.context_mlp(relation)).view(b, c, 1, 1))
-        s_feat = s_feat * s_gate
-        c_feat = F.interpolate(c_feat * c_gate, size=s_feat.shape[-2:], mode="bilinear", align_corners=False)
+        if self.channel_weights:
+            s_feat, c_feat = self._gate(s_feat, s_att, c_feat, c_att)
+        c_feat = F.interpolate(c_feat, size=s_feat.shape[-2:], mode="bilinear", align_corners=False)
         c_feat = self.context_head(c_feat)
-        return s_feat, c_feat, self.smooth(s_feat + c_feat)
+        fused = s_feat + c_feat if self.fusion == "add" else self.cat_conv(torch.cat([s_feat, c_feat], dim=1))
+        return s_feat, c_feat, self.smooth(fused)
+
+    def _gate(self, s_feat: torch.Tensor, s_att: torch.Tensor, c_feat: torch.Tensor,
+              c_att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both features times their sigmoid channel gates, each gate with its relation term where enabled."""
+        b, c = s_att.shape[:2]
+        if self.relation:
+            relation = torch.bmm(s_att.view(b, self.groups, c // self.groups),
+                                 c_att.view(b, self.groups, c // self.groups).transpose(1, 2)).view(b, -1)
+        if "shallow" in self.relation:
+            s_att = s_att + self.g1 * F.relu(self.spatial_mlp(relation)).view(b, c, 1, 1)
+        if "deep" in self.relation:
+            c_att = c_att + self.g2 * F.relu(self.context_mlp(relation)).view(b, c, 1, 1)
+        return s_feat * torch.sigmoid(s_att), c_feat * torch.sigmoid(c_att)
 
 
 class SRDecoder(nn.Module):
@@ -159,34 +220,76 @@ class SRDecoder(nn.Module):
 
 
 class ISDHead(nn.Module):
-    """Shallow branch + RAF cascade + heads (upstream `ISDHead`, §2.3-§2.7)."""
+    """Shallow branch + RAF cascade + heads (upstream `ISDHead`, §2.3-§2.7). Ablation switches (module docstring):
+    `deep` False = shallow-only head (projection + conv_seg on 1/8, aux on 1/16, no fusion), `shallow_input`,
+    `shallow_scale`, the RAF switches, and `sr` (build the SR decoder)."""
 
-    def __init__(self, num_classes: int, channels: int = 128, dropout: float = 0.1) -> None:
+    def __init__(self, num_classes: int, channels: int = 128, dropout: float = 0.1, *, deep: bool = True,
+                 shallow_input: str = "laplacian", shallow_scale: float = 1.0, fusion: str = "add",
+                 channel_weights: bool = True, relation: Sequence[str] = RELATIONS, sr: bool = True) -> None:
         super().__init__()
+        self.deep = deep
+        self.shallow_input = shallow_input
+        self.shallow_scale = shallow_scale
         self.laplacian = LaplacianPyramid(levels=2)
-        self.stdc_net = STDCNet(in_channels=6, layers=(2, 2), out_strides=(8, 16))
+        self.stdc_net = STDCNet(in_channels=6 if shallow_input == "laplacian" else 3, layers=(2, 2),
+                                out_strides=(8, 16))
         c8, c16 = self.stdc_net.channels
-        self.fuse16 = RelationAwareFusion(channels, c16)
-        self.fuse8 = RelationAwareFusion(channels, c8)
+        if deep:
+            raf = partial(RelationAwareFusion, fusion=fusion, channel_weights=channel_weights, relation=relation)
+            self.fuse16 = raf(channels, c16)
+            self.fuse8 = raf(channels, c8)
+        else:
+            self.project8 = conv_bn(c8, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = SegmentationHead(channels, channels // 2, num_classes)
         # training only
-        self.aux_head8 = SegmentationHead(channels, channels // 2, num_classes)  # upstream conv_seg_aux_16
-        self.aux_head16 = SegmentationHead(channels, channels // 2, num_classes)  # upstream conv_seg_aux_8
-        self.sr_decoder = SRDecoder(channels, (4, 2, 2), 3)
+        if deep:
+            self.aux_head8 = SegmentationHead(channels, channels // 2, num_classes)  # upstream conv_seg_aux_16
+            self.aux_head16 = SegmentationHead(channels, channels // 2, num_classes)  # upstream conv_seg_aux_8
+        else:
+            self.aux_head16 = SegmentationHead(c16, channels // 2, num_classes)  # on the raw 1/16 STDC features
+        if sr:
+            self.sr_decoder = SRDecoder(channels, (4, 2, 2), 3)
+        self.sr = sr
 
-    def forward(self, image: torch.Tensor, deep_feat: torch.Tensor, train: bool = False) -> dict[str, torch.Tensor]:
-        """`image`: normalised full-resolution input; `deep_feat`: D (128 ch, 1/32). Returns `logits` (1/8) and,
-        when `train`, the auxiliary outputs."""
-        shallow_in, sr_target = laplacian_input(self.laplacian(image))
+    def shallow_inputs(self, image: torch.Tensor, sr_target: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(STDC input, SR target H0 + up(H1) of the full-size image when `sr_target`, else None). The default
+        (Laplacian, full scale) decomposes once and yields both, as upstream."""
+        small = image
+        if self.shallow_scale != 1:
+            size = (max(1, round(image.shape[-2] * self.shallow_scale)),
+                    max(1, round(image.shape[-1] * self.shallow_scale)))
+            small = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        target = None
+        if self.shallow_input == "laplacian":
+            shallow_in, small_target = laplacian_input(self.laplacian(small))
+            target = small_target if small is image else None
+        else:
+            shallow_in = small
+        if sr_target and target is None:
+            target = laplacian_input(self.laplacian(image))[1]
+        return shallow_in, target
+
+    def forward(self, image: torch.Tensor, deep_feat: torch.Tensor | None = None,
+                train: bool = False) -> dict[str, torch.Tensor]:
+        """`image`: normalised full-resolution input; `deep_feat`: D (128 ch, 1/32; None for the shallow-only head).
+        Returns `logits` (1/8 of the shallow input) and, when `train`, the auxiliary outputs."""
+        shallow_in, sr_target = self.shallow_inputs(image, train and self.sr)
         feat8, feat16 = self.stdc_net(shallow_in)
+        if not self.deep:
+            out = {"logits": self.conv_seg(self.dropout(self.project8(feat8)))}
+            if train:
+                out["aux16"] = self.aux_head16(feat16)
+            return out
         _, ctx16, fused16 = self.fuse16(feat16, deep_feat)
         _, ctx8, fused8 = self.fuse8(feat8, fused16)
         out = {"logits": self.conv_seg(self.dropout(fused8))}
         if train:
-            sr_feat, sr_out = self.sr_decoder(deep_feat)
-            out.update(aux8=self.aux_head8(ctx8), aux16=self.aux_head16(ctx16), sr_feat=sr_feat, sr_out=sr_out,
-                       sr_target=sr_target)
+            out.update(aux8=self.aux_head8(ctx8), aux16=self.aux_head16(ctx16))
+            if self.sr:
+                sr_feat, sr_out = self.sr_decoder(deep_feat)
+                out.update(sr_feat=sr_feat, sr_out=sr_out, sr_target=sr_target)
         return out
 
 
@@ -245,6 +348,49 @@ def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # the method
 
+BRANCHES = ("both", "deep", "shallow")
+SHALLOW_INPUTS = ("laplacian", "rgb")
+
+
+def check_ablation_keywords(branches: str, shallow_input: str, shallow_scale: float, fusion: str,
+                            channel_weights: bool, relation: Sequence[str], recon_weight: float,
+                            fa_weight: float) -> tuple[str, ...]:
+    """One-line MethodErrors for the ablation keywords (module docstring), before anything is built; returns
+    `relation` as a tuple in canonical order."""
+
+    def choice(key: str, value: object, options: tuple[str, ...]) -> None:
+        if value not in options:
+            raise MethodError(f"isdnet: {key} must be one of {', '.join(options)}, got {value!r}")
+
+    choice("branches", branches, BRANCHES)
+    choice("shallow_input", shallow_input, SHALLOW_INPUTS)
+    choice("fusion", fusion, FUSIONS)
+    if not isinstance(shallow_scale, int | float) or isinstance(shallow_scale, bool) or not 0 < shallow_scale <= 1:
+        raise MethodError(f"isdnet: shallow_scale must be a number in (0, 1] (1 = full resolution, 0.25 = 1/4), "
+                          f"got {shallow_scale!r}")
+    if not isinstance(channel_weights, bool):
+        raise MethodError(f"isdnet: channel_weights must be true or false, got {channel_weights!r}")
+    if isinstance(relation, str) or not isinstance(relation, Sequence):
+        raise MethodError(f"isdnet: relation must be a list drawn from {list(RELATIONS)} (e.g. [shallow] or []), "
+                          f"got {relation!r}")
+    unknown = [r for r in relation if r not in RELATIONS]
+    if unknown:
+        raise MethodError(f"isdnet: relation entries must be drawn from {list(RELATIONS)}, got {unknown}")
+    if relation and not channel_weights:
+        raise MethodError(f"isdnet: relation {list(relation)} adds M_s/M_d to the channel gates, which "
+                          "channel_weights: false removes; set relation: [] as well")
+    for key, value in (("recon_weight", recon_weight), ("fa_weight", fa_weight)):
+        if value < 0:
+            raise MethodError(f"isdnet: {key} must be >= 0 (0 switches the loss off), got {value}")
+    if branches != "both" and (recon_weight > 0 or fa_weight > 0):
+        raise MethodError(f"isdnet: branches={branches!r} trains L_SEG + L_AUX only (Table 5); "
+                          "set recon_weight: 0 and fa_weight: 0")
+    if fa_weight > 0 and recon_weight == 0:
+        raise MethodError("isdnet: fa_weight > 0 (L_SD) distils the SR decoder's features, which only L_SR trains; "
+                          "set recon_weight > 0 or fa_weight: 0")
+    return tuple(r for r in RELATIONS if r in relation)
+
+
 
 @register_method
 class ISDNet(UHRMethod):
@@ -257,28 +403,51 @@ class ISDNet(UHRMethod):
     def __init__(self, num_classes: int, pretrained: bool | str = False, stdc_pretrained: bool | str = False,
                  down_ratio: int = 4, deep_stem: bool = True, dilations: Sequence[int] = (1, 12, 24, 36),
                  dropout: float = 0.1, aux_weight: float = 0.4,
-                 recon_weight: float = 0.1, fa_weight: float = 1.0, ignore_index: int = 255) -> None:
+                 recon_weight: float = 0.1, fa_weight: float = 1.0, branches: str = "both",
+                 shallow_input: str = "laplacian", shallow_scale: float = 1.0, fusion: str = "add",
+                 channel_weights: bool = True, relation: Sequence[str] = RELATIONS,
+                 ignore_index: int = 255) -> None:
         super().__init__(num_classes, ignore_index)
         if down_ratio < 1:
             raise MethodError(f"isdnet: down_ratio must be >= 1, got {down_ratio}")
         if stdc_pretrained is True:
             raise MethodError("isdnet: stdc_pretrained must be false or a path to STDCNet813M_73.91.tar "
                               "(the STDC-Seg ImageNet file has no download URL)")
+        relation = check_ablation_keywords(branches, shallow_input, shallow_scale, fusion, channel_weights, relation,
+                                           recon_weight, fa_weight)
         self.down_ratio = down_ratio
+        self.branches = branches
         self.loss_weights = {"aux": aux_weight, "recon": recon_weight, "fa": fa_weight}
         channels = 128  # fixed by RAF's 16 x 8 relation matrix (r^2 = 2C, §2.5)
-        # deep branch (§2.2)
-        self.backbone = resnet_v1c(18, pretrained=pretrained, output_stride=8, deep_stem=deep_stem)
-        self.decode_head = ASPPHead(512, channels, num_classes, tuple(dilations), dropout)  # RefineASPPHead
-        self.auxiliary_head = FCNHead(256, 64, num_classes, num_convs=1, dropout=dropout)  # training only
-        self.refine_head = ISDHead(num_classes, channels, dropout)
+        if branches != "shallow":  # deep branch (§2.2)
+            self.backbone = resnet_v1c(18, pretrained=pretrained, output_stride=8, deep_stem=deep_stem)
+            self.decode_head = ASPPHead(512, channels, num_classes, tuple(dilations), dropout)  # RefineASPPHead
+            self.auxiliary_head = FCNHead(256, 64, num_classes, num_convs=1, dropout=dropout)  # training only
+        if branches != "deep":
+            self.refine_head = ISDHead(num_classes, channels, dropout, deep=branches == "both",
+                                       shallow_input=shallow_input, shallow_scale=float(shallow_scale), fusion=fusion,
+                                       channel_weights=channel_weights, relation=relation,
+                                       sr=recon_weight > 0 or fa_weight > 0)
         self._init_weights(stdc_pretrained)
 
+    @property
+    def has_deep(self) -> bool:
+        return self.branches != "shallow"
+
+    @property
+    def has_shallow(self) -> bool:
+        return self.branches != "deep"
+
     def _init_weights(self, stdc_pretrained: bool | str) -> None:
-        for head in (self.decode_head, self.auxiliary_head, self.refine_head):
+        heads = ((self.decode_head, self.auxiliary_head) if self.has_deep else ()) + \
+            ((self.refine_head,) if self.has_shallow else ())
+        for head in heads:
             init_conv_modules(head)
-        init_conv_seg(self.decode_head.classifier)
-        init_conv_seg(self.auxiliary_head.classifier)
+        if self.has_deep:
+            init_conv_seg(self.decode_head.classifier)
+            init_conv_seg(self.auxiliary_head.classifier)
+        if not self.has_shallow:
+            return
         init_conv_seg(self.refine_head.conv_seg)
         if stdc_pretrained:
             load_stdc_pretrained(self.refine_head.stdc_net, str(stdc_pretrained))
@@ -297,27 +466,40 @@ class ISDNet(UHRMethod):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
-        # the deep classifier runs and its logits are discarded, as upstream (counted in its FPS, §2.1)
-        _, deep_feat, _ = self._deep(x)
-        logits = self.refine_head(x, deep_feat)["logits"]
+        if not self.has_shallow:  # Table 5 "D only": the deep ASPP logits
+            logits = self._deep(x)[2]
+        elif not self.has_deep:  # Table 5 "S only"
+            logits = self.refine_head(x)["logits"]
+        else:
+            # the deep classifier runs and its logits are discarded, as upstream (counted in its FPS, §2.1)
+            _, deep_feat, _ = self._deep(x)
+            logits = self.refine_head(x, deep_feat)["logits"]
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Loss terms under the upstream log keys (§3), each already weighted."""
+        """Loss terms under the upstream log keys (§3), each already weighted; a term switched off (weight 0) or
+        without its module (single-branch ablations) is absent."""
         x = self.normalize(images)
-        stages, deep_feat, deep_logits = self._deep(x)
-        out = self.refine_head(x, deep_feat, train=True)
         ce = partial(mmseg_cross_entropy, labels=labels, ignore_index=self.ignore_index)
         w = self.loss_weights
-        return {
-            "decode.loss_seg": ce(deep_logits),
-            "refine.loss_seg": ce(out["logits"]),
-            "aux_1.loss_seg": ce(out["aux8"]),
-            "aux_2.loss_seg": ce(out["aux16"]),
-            "aux_3.recon_losses": w["recon"] * reconstruction_loss(out["sr_out"], out["sr_target"]),
-            "aux_4.fa_loss": w["fa"] * feature_affinity_loss(deep_feat, out["sr_feat"]),
-            "aux.loss_seg": w["aux"] * ce(self.auxiliary_head(stages[2])),
-        }
+        terms: dict[str, torch.Tensor] = {}
+        deep_feat = None
+        if self.has_deep:
+            stages, deep_feat, deep_logits = self._deep(x)
+            terms["decode.loss_seg"] = ce(deep_logits)
+        if self.has_shallow:
+            out = self.refine_head(x, deep_feat, train=True)
+            terms["refine.loss_seg"] = ce(out["logits"])
+            if "aux8" in out:
+                terms["aux_1.loss_seg"] = ce(out["aux8"])
+            terms["aux_2.loss_seg"] = ce(out["aux16"])
+            if w["recon"]:
+                terms["aux_3.recon_losses"] = w["recon"] * reconstruction_loss(out["sr_out"], out["sr_target"])
+            if w["fa"]:
+                terms["aux_4.fa_loss"] = w["fa"] * feature_affinity_loss(deep_feat, out["sr_feat"])
+        if self.has_deep:
+            terms["aux.loss_seg"] = w["aux"] * ce(self.auxiliary_head(stages[2]))
+        return terms
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def load_official(self, path: str, strict: bool = True) -> LoadReport:
@@ -330,3 +512,55 @@ class ISDNet(UHRMethod):
     def save_official(self, path: str) -> None:
         """This model in the release's mmseg layout (`{"state_dict": ...}`, §8 key names)."""
         torch.save({"state_dict": official_keys(self.state_dict(), _OFFICIAL_RENAMES)}, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the paper's ablations (Tables 5-7, DeepGlobe; our reading of the switches: module docstring)
+
+# Table 5's baseline: D + S, L_SEG + L_AUX only, RGB shallow input, fusion by plain addition (no CW, no M_s/M_d)
+_TABLE5_BASE = {"shallow_input": "rgb", "recon_weight": 0.0, "fa_weight": 0.0, "fusion": "add",
+                "channel_weights": False, "relation": []}
+
+
+def _table5(key: str, label: str, branches: str, scale: str, model: dict) -> Ablation:
+    """Table 5 baseline with the branches and the input scales of the row."""
+    return Ablation(key, label, {"branches": branches, **_TABLE5_BASE, **model},
+                    marks={"D": branches != "shallow", "S": branches != "deep", "input": scale}, table="Table 5")
+
+
+def _table6(key: str, label: str, model: dict) -> Ablation:
+    """Baseline + H + all losses, fusion per row (marks read off the keywords); M_s / M_d print "-" in the rows
+    without either relation term, as the paper."""
+    relation = model.get("relation", RELATIONS)
+    marks = {"ADD": model.get("fusion", "add") == "add", "CAT": model.get("fusion", "add") == "cat",
+             "CW": model.get("channel_weights", True),
+             "M_s": "shallow" in relation if relation else "-", "M_d": "deep" in relation if relation else "-"}
+    return Ablation(key, label, model, marks=marks, table="Table 6")
+
+
+def _table7(key: str, label: str, model: dict) -> Ablation:
+    """RAF fusion (the defaults) with L_SEG + L_AUX; L_SR, L_SD and the Laplacian input H per row (marks read off
+    the keywords)."""
+    marks = {"baseline": True, "L_SR": model.get("recon_weight", 0.1) > 0, "L_SD": model.get("fa_weight", 1.0) > 0,
+             "H (Laplacian input)": model.get("shallow_input", "laplacian") == "laplacian"}
+    return Ablation(key, label, model, marks=marks, table="Table 7")
+
+
+ISDNet.ablations = (
+    _table5("deep_quarter", "D only, 1/4 scale", "deep", "1/4 scale", {"down_ratio": 4}),
+    _table5("deep_full", "D only, full scale", "deep", "full scale", {"down_ratio": 1}),
+    _table5("shallow_quarter", "S only, 1/4 scale", "shallow", "1/4 scale", {"shallow_scale": 0.25}),
+    _table5("shallow_full", "S only, full scale", "shallow", "full scale", {"shallow_scale": 1.0}),
+    _table5("deep_shallow_add", "D + S, D at 1/4, S at full", "both", "D at 1/4, S at full",
+            {"down_ratio": 4, "shallow_scale": 1.0}),
+    _table6("add", "ADD", {"fusion": "add", "channel_weights": False, "relation": []}),
+    _table6("add_cw", "ADD + CW", {"fusion": "add", "channel_weights": True, "relation": []}),
+    _table6("cat", "CAT", {"fusion": "cat", "channel_weights": False, "relation": []}),
+    _table6("cat_cw", "CAT + CW", {"fusion": "cat", "channel_weights": True, "relation": []}),
+    _table6("add_cw_ms", "ADD + CW + M_s", {"fusion": "add", "channel_weights": True, "relation": ["shallow"]}),
+    _table6("isdnet", "ADD + CW + M_s + M_d", {}),
+    _table7("baseline", "baseline", {"shallow_input": "rgb", "recon_weight": 0.0, "fa_weight": 0.0}),
+    _table7("sr", "baseline + L_SR", {"shallow_input": "rgb", "fa_weight": 0.0}),
+    _table7("sr_sd", "baseline + L_SR + L_SD", {"shallow_input": "rgb"}),
+    _table7("isdnet", "baseline + L_SR + L_SD + H", {}),
+)

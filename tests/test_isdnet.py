@@ -1,5 +1,5 @@
-"""ISDNet against docs/specs/isdnet.md: sizes, cost, interface, losses and their gradients, the Laplacian input, RAF init,
-and loading the release checkpoint layout."""
+"""ISDNet against docs/specs/isdnet.md: sizes, cost, interface, losses and their gradients, the Laplacian input, RAF
+init, and loading the release checkpoint layout."""
 from __future__ import annotations
 
 import numpy as np

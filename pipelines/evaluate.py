@@ -1,7 +1,8 @@
 """Evaluation stage: one int64 confusion matrix over a split, scores, prediction images.
 
-Writes `results/metrics/<dataset>/<method>.json` (DVC metrics) and an MLflow run with the
-confusion matrix and a few image | ground truth | prediction panels as artifacts.
+Writes `results/metrics/<dataset>/<method>.json` (scores and the confusion matrix) and an MLflow run with the
+confusion matrix (JSON and a row-normalised heatmap), the prepared split as its dataset input and a few
+image | ground truth | prediction panels as artifacts.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from tqdm import tqdm
 
 from datasets import PreparedDataset, get_dataset
 from datasets.base import DatasetError, colorize
-from methods import count_parameters, resolve_method_name
+from methods import count_parameters, display_name, resolve_method_name
 from pipelines import distributed, tracking
 from pipelines.checkpoints import load_official_model, load_trained
 from pipelines.config import Config, variant_label
 from pipelines.metrics import ConfusionMatrix, segmentation_scores
 from pipelines.paths import metrics_file
+from pipelines.plots import confusion_figure
 
 PANEL_MAX_SIDE = 768  # prediction panels are downscaled to keep artifacts small
 
@@ -126,12 +128,16 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
     if secondary:
         result["outputs"] = {name: segmentation_scores(m.matrix, info.class_names, info.counted_classes)
                              for name, m in secondary.items()}
+    # the report draws the heatmap from this file (results/plots/confusion_<dataset>_<method>.png)
+    result["confusion_matrix"] = {"classes": list(info.class_names), "rows": "ground truth", "columns": "prediction",
+                                  "matrix": matrix.matrix.cpu().tolist()}
     variant = variant or variant_label(overrides)
     result["variant"] = variant or "default"
     with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
                               tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", ""),
-                                    "variant": result["variant"]}) as run:
+                                    "variant": result["variant"]}, device=dev.type) as run:
         run.tags({f"env.{k}": v for k, v in env.items()})
+        run.dataset(config.data_root / dataset, dataset, split, "evaluation")
         run.params({"split": split, "precision": "fp32", "input_size": ",".join(result["input_size"]),
                     "tile": result["tile"], **{f"model.{k}": v for k, v in model_cfg.items()}})
         metrics = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
@@ -141,8 +147,11 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
             metrics.update({k: v for k, v in stats.summary().items() if v is not None})
         metrics.update({f"output.{name}.miou": s["miou"] for name, s in result.get("outputs", {}).items()})
         run.metrics(metrics)
-        run.json({"classes": list(info.class_names), "rows": "ground truth", "columns": "prediction",
-                  "matrix": matrix.matrix.cpu().tolist()}, "confusion_matrix.json")
+        run.json(result["confusion_matrix"], "confusion_matrix.json")
+        run.figure(confusion_figure(result["confusion_matrix"]["matrix"], info.class_names,
+                                    f"{display_name(method)} on {dataset}/{split}"
+                                    + (f" ({result['variant']})" if result["variant"] != "default" else "")),
+                   "confusion_matrix.png")
         with tempfile.TemporaryDirectory() as tmp:
             for image_id, strip in panels:
                 strip.save(Path(tmp) / f"{image_id}.png")

@@ -2,28 +2,47 @@
 
 The tracking URI is always absolute: `MLFLOW_TRACKING_URI` if set, else an sqlite file at the
 repository root. A relative URI would silently create a second database whenever a stage runs from
-another directory (DVC queued experiments run in .dvc/tmp/exps), see specs/protocol.md §6.5.
+another directory (DVC queued experiments run in .dvc/tmp/exps), see docs/specs/protocol.md §6.5.
+
+What a user browsing `mlflow ui` relies on, all set here so every stage gets it:
+- experiments are tagged `mlflow.experimentKind = custom_model_development` (also ones made before) and carry a note;
+  MLflow 3.17's UI still opens in its GenAI mode unless the link selects model training (`ui_url`);
+- runs are named `<method> · <stage> · <dataset>[ · variant][ · phase p]` and described in one line
+  (`mlflow.note.content`: stage, method, dataset and split, variant, profile, device);
+- `Run.dataset` logs the prepared split a run read as an MLflow dataset input (metadata and a digest, no pixels);
+- Ctrl-C and SIGTERM end a run as KILLED (never left RUNNING), other errors as FAILED;
+- readers never create a store: `finished_runs` on a missing sqlite file is "no runs", and MLflow's and alembic's
+  INFO lines (table creation, migrations) are silenced for our commands.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import platform
-import subprocess
+import signal
 import sys
+import threading
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from pipelines.config import REPO_ROOT
+from pipelines.discovery import cpu_model, git_commit, tracking_uri  # torch-free: `bench.py env --no-torch`
 
 EXPERIMENT_PREFIX = "uhrbench"
-
-
-def tracking_uri(root: Path = REPO_ROOT) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
+# MLflow 3's experiment kind (values in its UI bundle: genai_development, custom_model_development, ...). The 3.17 UI
+# chooses GenAI or model-training views from a per-browser switch instead (see ui_url); the tag records the kind for
+# UIs and clients that read it and for the UI's kind selector
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the description the UI shows for an experiment or a run
+STAGE_TEXT = {"train": "Training", "evaluate": "Evaluation", "measure": "Speed and memory measurement",
+              "sweep": "Runtime-knob sweep"}
+QUIET_LOGGERS = ("mlflow", "alembic")  # their INFO lines (table creation, migrations) are noise in our CLI
 
 def experiment_name(dataset: str) -> str:
     return f"{EXPERIMENT_PREFIX}-{dataset}"
@@ -38,23 +57,73 @@ def artifact_location(name: str) -> str | None:
     return (Path(uri[len("sqlite:///"):]).parent / "mlruns" / name).resolve().as_uri()
 
 
+def sqlite_file(uri: str | None = None) -> Path | None:
+    """The database file of an sqlite tracking URI (None for a server or an in-memory store)."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///") or uri[len("sqlite:///"):] in ("", ":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def store_exists() -> bool:
+    """False only for an sqlite store whose file is not there yet: reading it would create it (and print
+    MLflow's table-creation lines), so readers answer "no runs yet" instead."""
+    path = sqlite_file()
+    return path is None or path.is_file()
+
+
+def quiet_logging() -> None:
+    """MLflow and alembic log table creation and migrations at INFO; our commands show warnings only."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _mlflow():
     import mlflow  # slow import; only commands that track pay for it
 
+    quiet_logging()
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow
 
 
+UI_MODEL_TRAINING = "workflowType=machine_learning"  # MLflow 3.17's UI: open in "Model training" mode (runs table)
+
+
+def ui_url(dataset: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """A link into `mlflow ui` that opens on the runs table. MLflow 3.17's UI picks GenAI or model-training views from
+    a per-browser switch (default GenAI: traces and token usage), not from the experiment's kind tag; the
+    `workflowType` query parameter selects model training for that page and the pages reached from it. Reads the
+    store only when it exists (it is never created here)."""
+    target = "experiments"
+    if dataset is not None and store_exists():
+        experiment = _mlflow().get_experiment_by_name(experiment_name(dataset))
+        if experiment is not None:
+            target = f"experiments/{experiment.experiment_id}"
+    return f"{base.rstrip('/')}/#/{target}?{UI_MODEL_TRAINING}"
+
+
+def experiment_note(dataset: str) -> str:
+    return (f"uhrbench on the {dataset} dataset: one run per method and stage (train, evaluate, measure, sweep), "
+            f"each named method · stage · dataset. `python bench.py compare --dataset {dataset}` tabulates the "
+            "latest evaluation and measurement of each method.")
+
+
 def ensure_experiment(dataset: str) -> str:
-    """Create the dataset's experiment once (artifacts next to the default database)."""
+    """Create the dataset's experiment once (artifacts next to the default database), tagged as model development
+    with a note saying what it holds; an experiment made before these tags existed gets them too."""
     mlflow = _mlflow()
     name = experiment_name(dataset)
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: experiment_note(dataset)}
     for attempt in range(5):  # first creation of the sqlite schema can race with another process
         try:
             experiment = mlflow.get_experiment_by_name(name)
-            if experiment is not None:
-                return experiment.experiment_id
-            return mlflow.create_experiment(name, artifact_location=artifact_location(name))
+            if experiment is None:
+                return mlflow.create_experiment(name, artifact_location=artifact_location(name), tags=tags)
+            client = mlflow.MlflowClient()
+            for key, value in tags.items():
+                if key not in experiment.tags:  # never overwrite a note or a kind someone set in the UI
+                    client.set_experiment_tag(experiment.experiment_id, key, value)
+            return experiment.experiment_id
         except Exception:  # noqa: BLE001 - retried, then re-raised
             if attempt == 4:
                 raise
@@ -62,11 +131,90 @@ def ensure_experiment(dataset: str) -> str:
     raise AssertionError("unreachable")
 
 
+def default_run_name(method: str, stage: str, dataset: str, variant: str | None = None,
+                     phase: str | None = None) -> str:
+    """What the runs table lists: `<method> · <stage> · <dataset>[ · variant][ · phase]`."""
+    from methods import display_name
+
+    parts = [display_name(method), stage, dataset]
+    if variant and variant != "default":
+        parts.append(variant)
+    if phase:
+        parts.append(f"phase {phase}")
+    return " · ".join(parts)
+
+
+def run_description(method: str, stage: str, dataset: str, profile: str, tags: dict) -> str:
+    """One line saying what a run is: stage, method, dataset (split), variant, phase, profile and device."""
+    from methods import display_name
+
+    where = dataset + (f" ({tags['split']} split)" if tags.get("split") else "")
+    text = f"{STAGE_TEXT.get(stage, stage.capitalize())} of {display_name(method)} on {where}"
+    extras = [f"{key} {tags[key]}" for key in ("variant", "phase", "knob")
+              if tags.get(key) not in (None, "", "default")]
+    extras.append(f"profile {profile}")
+    device = tags.get("env.device")
+    if device:
+        name = tags.get("env.device_name")
+        extras.append(f"device {device}" + (f" ({name})" if name and name != device else ""))
+    return f"{text}: " + ", ".join(extras) + "."
+
+
+def dataset_digest(root: Path, split: str) -> str:
+    """A fingerprint of one split of a prepared dataset without reading its pixels: meta.json, the split's ids
+    and the size of each of its image and label files (a re-prepared or edited dataset gets another digest)."""
+    from datasets.base import read_split
+
+    digest = hashlib.sha256((root / "meta.json").read_bytes())
+    for image_id in read_split(root, split):
+        digest.update(image_id.encode() + b"\0")
+        for folder in ("images", "labels"):
+            path = root / folder / f"{image_id}.png"
+            digest.update(str(path.stat().st_size if path.is_file() else -1).encode() + b"\0")
+    return digest.hexdigest()[:8]
+
+
+def prepared_dataset(root: Path, dataset: str, split: str):
+    """The prepared split as an MLflow dataset (metadata only: source path, digest, image count), for log_input."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    from datasets.base import read_split
+
+    root = Path(root).resolve()
+    with warnings.catch_warnings():  # MLflow finds two equivalent local-path sources and warns about the choice
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(root))
+    profile = {"dataset": dataset, "split": split, "images": len(read_split(root, split)), "path": str(root)}
+    return _profiled_meta_dataset_class()(source, name=f"{dataset}-{split}", digest=dataset_digest(root, split),
+                                          profile=profile)
+
+
+def _profiled_meta_dataset_class():
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ProfiledMetaDataset(MetaDataset):
+        """MetaDataset with a profile (image count, split), which the UI shows beside the dataset."""
+
+        def __init__(self, source, name: str, digest: str, profile: dict) -> None:
+            self._profile = profile
+            super().__init__(source, name=name, digest=digest)
+
+        @property
+        def profile(self) -> dict:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    return ProfiledMetaDataset
+
+
 class Run:
     """The one way stages write to MLflow: an active run's params, metrics, tags and artifacts."""
 
-    def __init__(self, run) -> None:
+    def __init__(self, run, describe=None, facts: dict | None = None) -> None:
         self.id = run.info.run_id
+        self._describe, self._facts = describe, dict(facts or {})
 
     def params(self, values: dict) -> None:
         _mlflow().log_params(values)
@@ -76,6 +224,10 @@ class Run:
 
     def tags(self, values: dict) -> None:
         _mlflow().set_tags(values)
+        # the description names the device as soon as the stage records it (every stage logs env.* tags)
+        if self._describe is not None and {"env.device", "env.device_name"} & set(values):
+            self._facts.update(values)
+            _mlflow().set_tag(NOTE_TAG, self._describe(self._facts))
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         _mlflow().log_artifact(str(path), folder)
@@ -86,12 +238,23 @@ class Run:
     def json(self, data: dict, name: str) -> None:
         _mlflow().log_dict(data, name)
 
+    def figure(self, figure, name: str) -> None:
+        """A matplotlib figure as an image artifact (the UI previews it on the run's page)."""
+        _mlflow().log_figure(figure, name)
+
+    def dataset(self, root: Path, dataset: str, split: str, context: str) -> None:
+        """Record the prepared split this run read ("training", "evaluation"): the run page's dataset column."""
+        _mlflow().log_input(prepared_dataset(root, dataset, split), context=context)
+
 
 def finished_runs(dataset: str, stage: str):
     """Every finished run of one stage on a dataset, newest first (a pandas frame; empty without any), with a
-    `variant` column ("default" where the run has no variant tag)."""
+    `variant` column ("default" where the run has no variant tag). A store that does not exist yet has no runs:
+    it is not created by reading it."""
     import pandas as pd
 
+    if not store_exists():
+        return pd.DataFrame()
     mlflow = _mlflow()
     experiment = mlflow.get_experiment_by_name(experiment_name(dataset))
     if experiment is None:
@@ -106,12 +269,44 @@ def finished_runs(dataset: str, stage: str):
     return runs
 
 
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of one metric of a run, by step (training curves)."""
+    history = _mlflow().MlflowClient().get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached a tracked stage: it stops like Ctrl-C, so its MLflow run ends as KILLED, not RUNNING forever."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while a run is open, unless the process already handles SIGTERM itself
+    (training stops at the end of a step) or this is not the main thread (only it can take signals)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash: str = "",
                 nested: bool = False, run_name: str | None = None, tags: dict | None = None,
-                run_id: str | None = None):
-    """A `Run` tagged method/dataset/stage/profile/git commit/params hash; `run_id` reopens an existing run (a
-    resumed training)."""
+                run_id: str | None = None, device: str | None = None,
+                log_system_metrics: bool = False) -> Iterator[Run]:
+    """A `Run` tagged method/dataset/stage/profile/git commit/params hash, named `<method> · <stage> · <dataset>`
+    (+ variant, phase) and described in one line; `run_id` reopens an existing run (a resumed training).
+    `log_system_metrics`: MLflow samples CPU, memory and GPU use into `system/*` metrics (training runs).
+    Ctrl-C and SIGTERM end the run as KILLED, any other exception as FAILED."""
     mlflow = _mlflow()
     experiment_id = ensure_experiment(dataset)
     from methods import display_name
@@ -121,18 +316,26 @@ def tracked_run(dataset: str, method: str, stage: str, profile: str, params_hash
                 "git_commit": git_commit(), "params_hash": params_hash,
                 "dvc_stage": os.environ.get("DVC_STAGE", "")}
     all_tags.update(tags or {})
+    if device:
+        all_tags.setdefault("env.device", device)
+
+    def describe(facts: dict) -> str:
+        return run_description(method, stage, dataset, profile, facts)
+
     if run_id is not None and not _exists(mlflow, run_id):
         print(f"MLflow run {run_id} of the interrupted training is not in {tracking_uri()} (store deleted or "
               "replaced); the training resumes in a new run, tagged lost_run_id", file=sys.stderr)
         all_tags["lost_run_id"], run_id = run_id, None
     if run_id is not None:
-        run = mlflow.start_run(run_id=run_id, nested=nested)
+        run = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=log_system_metrics or None)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"{display_name(method)}-{stage}",
-                               nested=nested, tags=all_tags)
+        name = run_name or default_run_name(method, stage, dataset, all_tags.get("variant"), all_tags.get("phase"))
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested, tags=all_tags,
+                               description=describe(all_tags), log_system_metrics=log_system_metrics or None)
     try:
-        yield Run(run)
-    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM the trainer turned into a stop: not a failure
+        with _sigterm_as_interrupt():
+            yield Run(run, describe, all_tags)
+    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM turned into a stop: not a failure
         mlflow.end_run(status="KILLED")
         raise
     except BaseException:
@@ -147,32 +350,6 @@ def _exists(mlflow, run_id: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST (or a store without it)
         return False
-
-
-def git_commit(root: Path = REPO_ROOT) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        commit = out.stdout.strip()
-        if out.returncode != 0 or not commit:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

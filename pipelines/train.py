@@ -325,10 +325,11 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, 
     history: dict[str, list[float]] = dict(resume["loss_history"]) if resume else {}
 
     def run_factory(name: str, phase: str | None = None):
+        # named `<method> · train · <dataset>[ · phase p]`; CPU/GPU/memory use sampled into system/* on the main run
         return lambda: tracking.tracked_run(dataset, method, "train", config.profile, params_hash,
                                             nested=phase is not None, run_id=run_ids.get(name),
-                                            run_name=f"{method}-train" + (f"-{phase}" if phase else ""),
-                                            tags={"phase": phase} if phase else None)
+                                            tags={"phase": phase, "split": "train"} if phase else {"split": "train"},
+                                            device=ctx.device.type, log_system_metrics=phase is None)
 
     with distributed.primary_only(ctx, run_factory("main")) as run:
         if run is not None:
@@ -336,6 +337,7 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, 
             if resume is None:
                 run.params({"seed": config.seed, "device": ctx.device.type, "world_size": ctx.world_size,
                             **_flat("model", model_cfg)})
+                run.dataset(root, dataset, "train", "training")
                 run.tags({f"env.{k}": v for k, v in tracking.environment_info(ctx.device).items()})
             else:
                 run.tags({"resumed_at": f"{resume['phase']}:{resume['position']['iteration']}"})

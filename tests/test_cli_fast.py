@@ -72,16 +72,11 @@ def test_help_imports_no_torch():
 def test_env_no_torch_imports_no_torch_and_agrees_with_tracking(monkeypatch):
     assert heavy_imports("env", "--no-torch") == set()
     info = discovery.environment_info()
-    assert info["git_commit"] == tracking.git_commit()
-    assert info["cpu_model"] == tracking.cpu_model()
+    # torch's version read from its files without importing it equals the imported one's
     assert info["torch"] == tracking.torch.__version__
     assert info["cuda_compiled"] == (tracking.torch.version.cuda or "none")
-    for uri in (None, "sqlite:////elsewhere/mlflow.db"):
-        if uri:
-            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        else:
-            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        assert discovery.tracking_uri() == tracking.tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    assert discovery.environment_info()["mlflow_tracking_uri"] == "sqlite:////elsewhere/mlflow.db"
     assert discovery.package_version("no-such-package-uhrbench") == "not installed"
     result = CliRunner().invoke(bench.cli, ["env", "--no-torch", "--device", "cpu"])
     assert result.exit_code == 1 and "drop --no-torch" in result.output and "Traceback" not in result.output

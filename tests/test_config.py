@@ -69,7 +69,7 @@ def test_phase_recipes_share_the_common_fields():
     config = load_config()
     phase1, phase2 = config.recipe("glnet", "synthetic", "phase1"), config.recipe("glnet", "synthetic", "phase2")
     assert (phase1.optimizer, phase1.weight_decay, phase1.rot90) == (phase2.optimizer, 0.0005, True)
-    assert (phase1.lr, phase2.lr) == (0.0005, 0.0002)
+    assert (phase1.lr, phase2.lr) == (0.001, 0.0002)
 
 
 @pytest.mark.parametrize(("override", "fragment"), [

@@ -35,11 +35,6 @@ def _number(value) -> float | None:
         else None
 
 
-def published_points(dataset: str) -> list[dict]:
-    """Every published (mIoU, FPS, memory) point of a dataset (pipelines/published.py `points`)."""
-    return published.points(dataset)
-
-
 def our_points(ours: dict) -> list[dict]:
     """Our measured points (headline and FPS both measured) from report.our_results()."""
     out = []
@@ -467,7 +462,7 @@ def all_plots(config: Config) -> list[Path]:
     with_tables = [spec["dataset"] for spec in published.tables().values()]
     datasets = list(dict.fromkeys([*with_tables, *config.benchmark_datasets]))
     ours = {d: published.with_sweeps(published.our_results(d), d, config) for d in datasets}
-    panels = {d: published_points(d) + our_points(ours[d]) for d in datasets}
+    panels = {d: published.points(d) + our_points(ours[d]) for d in datasets}
     panels = {d: pts for d, pts in panels.items() if pts}
     written = [out_dir / "accuracy_vs_fps.png"]
     accuracy_vs_fps(panels, written[0])

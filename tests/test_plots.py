@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines import plots
+from pipelines import published as published_module
 from pipelines.config import load_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -77,12 +78,12 @@ def test_labels_of_a_crowded_panel_do_not_overlap():
 
 
 def test_accuracy_panel_labels_key_and_names():
-    published = plots.published_points("deepglobe")
+    published = published_module.points("deepglobe")
     ours = [{"label": "isdnet", "miou": 74.0, "fps": 30.0, "memory": 2000.0, "source": "ours"},
             {"label": "rue K=1", "miou": 76.0, "fps": 40.0, "memory": 1500.0, "source": "ours"},
             {"label": "rue K=0.25", "miou": 72.0, "fps": 70.0, "memory": 1400.0, "source": "ours"},
             {"label": "glnet", "miou": 70.0, "fps": 0.2, "memory": None, "source": "ours"}]
-    fig, texts = plots.accuracy_figure({"deepglobe": published + ours, "inria": plots.published_points("inria")})
+    fig, texts = plots.accuracy_figure({"deepglobe": published + ours, "inria": published_module.points("inria")})
     try:
         for dataset, drawn in texts.items():
             assert _overlapping(_text_boxes(fig, drawn)) == [], dataset

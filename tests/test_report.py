@@ -232,12 +232,13 @@ def test_tables_command_writes_every_format(store, tmp_path):
 
 def test_plots_points_and_png(store, tmp_path):
     from pipelines import plots
+    from pipelines import published as published_module
     from pipelines.published import our_results
 
     ours = our_results("deepglobe")
     mine = plots.our_points(ours)
     assert [p["label"] for p in mine] == ["isdnet", "rue K=1", "rue K=0.25"]  # glnet has no FPS: not drawn
-    published = plots.published_points("deepglobe")
+    published = published_module.points("deepglobe")
     # ISDNet's Table 1 first (every row has an FPS; a name it prints twice is labelled by its group), then the
     # literature's methods it lacks (WSDNet, SGHRQ, RUE x3 from RUE's figure, F2Net); the figure's GLNet "< 1"
     # does not replace the table's 0.17
@@ -249,7 +250,7 @@ def test_plots_points_and_png(store, tmp_path):
                                                         "RUE (K = 50%)", "F2Net"]
     assert next(p for p in published if p["label"] == "GLNet")["fps"] == 0.17
     path = tmp_path / "acc.png"
-    drawn = plots.accuracy_vs_fps({"deepglobe": published + mine, "inria": plots.published_points("inria")}, path)
+    drawn = plots.accuracy_vs_fps({"deepglobe": published + mine, "inria": published_module.points("inria")}, path)
     assert len(drawn["deepglobe"]) == 25 and len(drawn["inria"]) == 13
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

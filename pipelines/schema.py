@@ -48,7 +48,7 @@ class Recipe:
     rotate: dict | None = None  # {prob, degrees: [lo, hi]}: arbitrary-angle rotation, label padded with ignore
     photometric: bool = False
     cat_max_ratio: float | None = None
-    amp: Literal["fp16", "bf16"] | None = None  # CUDA only
+    amp: Literal["fp16", "bf16"] | None = None  # autocast; on CPU bf16 only
     channels_last: bool = False  # NHWC memory format (CUDA only)
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10

@@ -152,9 +152,13 @@ def micro_batches(samples: SeededSamples, ctx: distributed.DistContext, batch: i
 
 
 def _autocast(device: torch.device, amp: str | None):
-    if amp is None or device.type != "cuda":
+    """Mixed precision as the recipe asks: fp16 or bf16 on CUDA; bf16 on CPU too (oneDNN runs it on AMX / AVX512-BF16,
+    ~1.3-2.7x faster than fp32 training on a Xeon that has them). fp16 on CPU is refused, not silently dropped."""
+    if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+    if device.type != "cuda" and amp != "bf16":
+        raise ConfigError(f"recipe amp: {amp} needs a CUDA device; on {device.type} use amp: bf16 or amp: null")
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
 def rng_state() -> dict:

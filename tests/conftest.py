@@ -51,6 +51,7 @@ def tiny_params(tmp_path: Path, data_root: Path, iterations: int = 20) -> Path:
     raw["datasets"]["synthetic"] = {"image_size": 128, "num_images": 10, "splits": {"train": 6, "val": 2, "test": 2},
                                     "seed": 0}
     raw["evaluate"]["num_visualizations"] = 1
+    raw["schedules"]["smoke_adamw"]["amp"] = None  # fp32: tests compare runs bit for bit; bf16 has its own test
     for name in ("global", "local"):
         raw["methods"][name].setdefault("model", {})["channels"] = 32
         recipe = raw["methods"][name]["recipes"]["smoke"]

@@ -95,6 +95,32 @@ def test_gradient_accumulation_reaches_the_recipe_batch():
         accumulation_steps(recipe, world_size=3, batch_per_device=None)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_recipe_amp_on_cpu_runs_bf16_and_refuses_fp16(tmp_path, tiny_synthetic, amp):
+    """amp: bf16 autocasts training on CPU (the smoke recipes use it); fp16 on CPU is one clear error."""
+    from datasets import PreparedDataset
+    from datasets.transforms import training_transform
+    from methods import build_method
+    from pipelines.distributed import DistContext
+    from pipelines.train import Position, SeededSamples, train_phase
+
+    config = load_config(tiny_params(tmp_path, tiny_synthetic, iterations=1), [f"methods.local.recipes.smoke.amp={amp}"])
+    recipe = config.recipe("local", "synthetic")
+    assert recipe.amp == amp
+    model = build_method("local", 7, **config.method_model("local", "synthetic"))
+    seen = []
+    model.decode_head.classifier.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    samples = SeededSamples(PreparedDataset(tiny_synthetic / "synthetic", "train",
+                                            transform=training_transform(64, hflip=False)), seed=0)
+    if amp == "fp16":
+        with pytest.raises(ConfigError, match="amp: fp16 needs a CUDA device; on cpu use amp: bf16"):
+            train_phase(model, model.phases[0], recipe, samples, DistContext(), Position())
+        return
+    losses = train_phase(model, model.phases[0], recipe, samples, DistContext(), Position())
+    assert seen == [torch.bfloat16] and torch.isfinite(torch.tensor(losses)).all()
+    assert model.decode_head.classifier.weight.dtype == torch.float32  # autocast: weights stay fp32
+
+
 def test_accumulated_step_equals_one_big_batch(tmp_path, tiny_synthetic):
     """One step over a batch of 2 == one step over 2 accumulated micro-batches of 1 (with the
     batch-dependent layers, BN and dropout, taken out so the two are comparable)."""

@@ -14,6 +14,7 @@ from methods.base import (  # noqa: F401
     ParamCount,
     Phase,
     UHRMethod,
+    Variant,
     build_method,
     count_parameters,
     display_name,
@@ -21,6 +22,8 @@ from methods.base import (  # noqa: F401
     method_class,
     register_method,
     resolve_method_name,
+    run_names,
+    split_variant,
 )
 
 # `methods/global.py` cannot be named in an import statement (`global` is a keyword); importlib takes it.

@@ -96,6 +96,17 @@ class Ablation:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A configuration trained, evaluated and reported as its own run, `<method>-<name>` (the generic networks'
+    `unet-global` and `unet-local`): its constructor keywords override the params block's, which must not
+    contradict them."""
+
+    name: str
+    model: dict
+    help: str = ""
+
+
+@dataclass(frozen=True)
 class ParamCount:
     """Parameter counts a spec gives for one configuration: `total` (every parameter) and `inference` (the modules
     `predict` runs); None where the source gives none. The contract test builds the configuration and counts."""
@@ -136,7 +147,10 @@ class UHRMethod(nn.Module):
     # What the pipelines need to know about a method, declared here and read generically (README, "Adding a method").
     knobs: ClassVar[tuple[Knob, ...]] = ()  # runtime settings and their sweeps
     ablations: ClassVar[tuple[Ablation, ...]] = ()  # rows of the paper's ablation table
-    # published rows this method fills: row name in docs/published/tables.yaml -> the knob settings of that row
+    variants: ClassVar[tuple[Variant, ...]] = ()  # configurations run as their own runs, `<name>-<variant>`
+    # published rows this method fills: row in docs/published/tables.yaml -> the knob settings of that row. The row
+    # is its name ("GLNet"), its group and name ("Local inference: UNet") or its name and column ("UNet [local]");
+    # a `variant` entry in the settings says which variant's run fills it.
     published: ClassVar[dict[str, dict]] = {}
     param_counts: ClassVar[tuple[ParamCount, ...]] = ()  # from the spec, checked by tests/test_contract.py
     # default input normalisation (mean, std) per RGB channel on the 0-255 scale: x -> (x - mean) / std
@@ -267,17 +281,35 @@ def register_method(cls: type[UHRMethod] | None = None, *, aliases: tuple[str, .
     return wrap(cls) if cls is not None else wrap
 
 
-def resolve_method_name(name: str) -> str:
+def split_variant(name: str) -> tuple[str, Variant | None]:
+    """'unet-local' -> ('unet', its Variant); 'isdnet' -> ('isdnet', None); aliases resolved."""
     if name in _REGISTRY:
-        return name
+        return name, None
     if name in _ALIASES:
-        return _ALIASES[name]
-    known = ", ".join(sorted(_REGISTRY))
+        return _ALIASES[name], None
+    base, _, wanted = name.rpartition("-")
+    base = _ALIASES.get(base, base)
+    for variant in getattr(_REGISTRY.get(base), "variants", ()):
+        if variant.name == wanted:
+            return base, variant
+    known = ", ".join(sorted(run_names()))
     raise MethodError(f"unknown method '{name}'; registered methods: {known} (see `python bench.py list`)")
 
 
+def resolve_method_name(name: str) -> str:
+    """The canonical run name: a registered name, or `<method>-<variant>` for a variant (aliases resolved)."""
+    base, variant = split_variant(name)
+    return base if variant is None else f"{base}-{variant.name}"
+
+
 def method_class(name: str) -> type[UHRMethod]:
-    return _REGISTRY[resolve_method_name(name)]
+    return _REGISTRY[split_variant(name)[0]]
+
+
+def run_names() -> list[str]:
+    """Every name `train`/`evaluate` accept: each method, and each variant of a method with variants."""
+    return sorted(name for base, cls in _REGISTRY.items()
+                  for name in ([f"{base}-{v.name}" for v in cls.variants] if cls.variants else [base]))
 
 
 def display_name(name: str) -> str:
@@ -293,6 +325,16 @@ def display_name(name: str) -> str:
 def build_method(name: str, num_classes: int, **cfg) -> UHRMethod:
     """Build a registered method; unknown config keys are an error, never silently ignored."""
     cls = method_class(name)
+    variant = split_variant(name)[1]
+    if variant is None and cls.variants:
+        runs = ", ".join(f"{cls.name}-{v.name}" for v in cls.variants)
+        raise MethodError(f"method '{cls.name}' runs as one of its variants: {runs}")
+    if variant is not None:
+        clash = {k: cfg[k] for k, v in variant.model.items() if k in cfg and cfg[k] != v}
+        if clash:
+            raise MethodError(f"{name}: the variant sets {variant.model}; remove {clash} from its params block "
+                              f"or run another variant")
+        cfg = {**cfg, **variant.model}
     stats = {key: cfg.pop(key) for key in NORMALIZATION_KEYWORDS if key in cfg}
     try:
         model = cls(num_classes=num_classes, **cfg)

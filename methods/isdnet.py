@@ -43,6 +43,8 @@ from methods.base import Ablation, LoadReport, MethodError, ParamCount, UHRMetho
 from methods.blocks.backbones import read_state_dict, resnet_v1c
 from methods.blocks.heads import ASPPHead, FCNHead, SampleSafeBatchNorm2d
 from methods.blocks.mmseg import (
+    ASPP_HEAD_RENAMES,
+    RESNET_V1C_RENAMES,
     SegmentationHead,
     conv_bn,
     init_conv_modules,
@@ -328,12 +330,7 @@ def feature_affinity_loss(deep_feat: torch.Tensor, sr_feat: torch.Tensor) -> tor
 
 # (release prefix, our prefix); first match wins
 _OFFICIAL_RENAMES = (
-    ("backbone.stem.0.", "backbone.conv1.0."), ("backbone.stem.1.", "backbone.conv1.1."),
-    ("backbone.stem.3.", "backbone.conv1.3."), ("backbone.stem.4.", "backbone.conv1.4."),
-    ("backbone.stem.6.", "backbone.conv1.6."), ("backbone.stem.7.", "backbone.bn1."),
-    ("decode_head.image_pool.1.conv.", "decode_head.image_pool.1."),
-    ("decode_head.image_pool.1.bn.", "decode_head.image_pool.2."),
-    ("decode_head.aspp_modules.", "decode_head.aspp."), ("decode_head.conv_seg.", "decode_head.classifier."),
+    *RESNET_V1C_RENAMES, *ASPP_HEAD_RENAMES,
     ("auxiliary_head.conv_seg.", "auxiliary_head.classifier."),
     ("refine_head.conv_seg_aux_16.", "refine_head.aux_head8."),
     ("refine_head.conv_seg_aux_8.", "refine_head.aux_head16."),

@@ -41,6 +41,7 @@ from methods.blocks.dappm import DAPPM
 from methods.blocks.heads import FCNHead
 from methods.blocks.losses import resize_logits
 from methods.blocks.mmseg import (
+    RESNET_V1C_RENAMES,
     SegmentationHead,
     init_conv_modules,
     init_conv_seg,
@@ -223,12 +224,7 @@ class RUEHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # official layout (§11): only the module names are known (no checkpoint is released)
 
-_OFFICIAL_RENAMES = (
-    ("backbone.stem.0.", "backbone.conv1.0."), ("backbone.stem.1.", "backbone.conv1.1."),
-    ("backbone.stem.3.", "backbone.conv1.3."), ("backbone.stem.4.", "backbone.conv1.4."),
-    ("backbone.stem.6.", "backbone.conv1.6."), ("backbone.stem.7.", "backbone.bn1."),
-    ("auxiliary_head.conv_seg.", "auxiliary_head.classifier."),
-)
+_OFFICIAL_RENAMES = (*RESNET_V1C_RENAMES, ("auxiliary_head.conv_seg.", "auxiliary_head.classifier."))
 # present in the release's state dict but unused by its forward (§3.7, §11): skipped by name, not an error
 _OFFICIAL_UNUSED = ("refine_head.conv_seg.",)
 

@@ -87,8 +87,8 @@ def load_official_model(config: Config, dataset: str, method: str, path: str | P
         raise ConfigError(f"no official checkpoint at {path}; pass the file (or folder) the upstream release provides")
     info = get_dataset(dataset).info
     model_cfg = full_model_config(method, {**config.method_model(method, dataset), **(overrides or {})})
-    for key in ("pretrained", "stdc_pretrained"):  # initialisations the checkpoint overwrites
-        if key in model_cfg:
+    for key in model_cfg:  # `pretrained`, `<part>_pretrained`: initialisations the checkpoint overwrites
+        if key == "pretrained" or key.endswith("_pretrained"):
             model_cfg[key] = False
     model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg)
     model.load_official(str(path))

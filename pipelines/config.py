@@ -80,9 +80,24 @@ def expand_uses(block: dict, schedules: dict, where: str, seen: tuple[str, ...] 
 
 
 def full_model_config(method: str, model: dict) -> dict:
-    """`model` over the constructor's defaults: every keyword the method is built with."""
+    """`model` over the constructor's defaults, and a variant's keywords over both: every keyword the method is
+    built with."""
+    from methods import split_variant
+
     defaults, _ = constructor_keywords(method)
-    return {**copy.deepcopy(defaults), **model}
+    variant = split_variant(method)[1]
+    return {**copy.deepcopy(defaults), **model, **(copy.deepcopy(variant.model) if variant else {})}
+
+
+def base_and_variant(run: str) -> tuple[str, str | None]:
+    """A run -> (the method whose params block it reads, the variant whose recipe part it adds, or None)."""
+    from methods import split_variant
+
+    try:
+        base, variant = split_variant(run)
+    except ValueError:  # not registered: params and validation name the problem
+        return run, None
+    return base, (variant.name if variant else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +145,14 @@ class Config:
 
     @property
     def benchmark_methods(self) -> list[str]:
-        return list(self.raw["benchmark"]["methods"])
+        """Every run of the benchmark: `benchmark.methods`, then each network of `benchmark.networks` in each
+        `benchmark.inference` mode (`unet-global`, `unet-local`), as dvc.yaml fans them out."""
+        from methods import method_class
+
+        bench = self.raw["benchmark"]
+        return [*bench["methods"], *(f"{network}-{mode}" for network in bench.get("networks") or []
+                                     for mode in bench.get("inference")
+                                     or [v.name for v in method_class(network).variants])]
 
     def section(self, name: str) -> dict:
         """A settings block with every default filled in (train, evaluate, measure)."""
@@ -144,6 +166,7 @@ class Config:
         return dict(params)
 
     def method_block(self, method: str) -> dict:
+        method = base_and_variant(method)[0]
         block = (self.raw.get("methods") or {}).get(method)
         if block is None:
             raise ConfigError(f"params.yaml has no methods.{method} block; add one with its `recipes` "
@@ -151,7 +174,9 @@ class Config:
         return block
 
     def _profile_recipe(self, method: str, dataset: str) -> tuple[dict | None, str]:
-        """The raw recipe of (method, dataset) under the current profile, `use:` expanded, dataset over profile."""
+        """The raw recipe of (method, dataset) under the current profile, `use:` expanded, dataset over profile;
+        a variant run's `variants.<variant>` part over that."""
+        method, variant = base_and_variant(method)
         where = f"methods.{method}.recipes.{self.profile}"
         block = (self.method_block(method).get("recipes") or {}).get(self.profile)
         if block is None:
@@ -171,6 +196,12 @@ class Config:
         schedules = self.raw.get("schedules") or {}
         recipe = deep_merge(self._expand(common, schedules, where),
                             self._expand(specific or {}, schedules, f"{where}.datasets.{dataset}"))
+        parts = recipe.pop("variants", None) or {}
+        if not isinstance(parts, dict):
+            raise ConfigError(f"{where}.variants must map variant names to recipe fields")
+        if variant is not None and parts.get(variant):
+            recipe = deep_merge(recipe, parts[variant])
+            where += f" (+ variants.{variant})"
         return recipe, where + (f" (+ datasets.{dataset})" if specific is not None else "")
 
     @staticmethod
@@ -183,6 +214,7 @@ class Config:
     def conventions(self, method: str, dataset: str) -> dict:
         """`methods.<m>.datasets.<dataset>`: {source, model} of the upstream config for that dataset; a method
         and dataset without an entry follow the method's defaults, which the source then says."""
+        method = base_and_variant(method)[0]
         entry = (self.method_block(method).get("datasets") or {}).get(dataset)
         if entry is None:
             return {"source": f"none: methods.{method}.datasets has no '{dataset}' entry (the method's defaults)",
@@ -196,11 +228,12 @@ class Config:
             model = deep_merge(model, self.conventions(method, dataset)["model"])
             recipe, _ = self._profile_recipe(method, dataset)
             model = deep_merge(model, (recipe or {}).get("model") or {})
-        return deep_merge(model, self.model_sets.get(method, {}))
+        return deep_merge(model, self.model_overrides(method))
 
     def model_overrides(self, method: str) -> dict:
-        """The `--set` keywords of one method (applied on top of a trained checkpoint's configuration, too)."""
-        return copy.deepcopy(self.model_sets.get(method, {}))
+        """The `--set` keywords of one method, every variant's too (applied on top of a trained checkpoint's
+        configuration as well)."""
+        return copy.deepcopy(self.model_sets.get(base_and_variant(method)[0], {}))
 
     def recipe_dict(self, method: str, dataset: str) -> dict:
         recipe, where = self._profile_recipe(method, dataset)
@@ -363,7 +396,7 @@ def validate(config: Config) -> None:
     """The whole configuration, before any work: the shape and types of every block (pydantic), registered
     dataset and method names, every method's model keywords against its constructor, every recipe present."""
     from datasets import list_datasets
-    from methods import list_methods, resolve_method_name
+    from methods import list_methods, method_class, resolve_method_name
 
     raw = config.raw
     for key in ("profile", "benchmark", "datasets", "methods"):
@@ -384,6 +417,19 @@ def validate(config: Config) -> None:
             resolve_method_name(name)
         except ValueError as exc:
             raise ConfigError(f"benchmark.methods: {exc}") from None
+        if method_class(name).variants:  # dvc.yaml's per-module dependency needs the module name
+            raise ConfigError(f"benchmark.methods: '{name}' is a generic network; list "
+                              f"'{method_class(name).name}' in benchmark.networks (run in each benchmark.inference "
+                              "mode)")
+        config.method_block(name)
+    for name in raw["benchmark"].get("networks") or []:
+        variants = [v.name for v in method_class(name).variants] if name in list_methods() else []
+        if not variants:
+            raise ConfigError(f"benchmark.networks: '{name}' is not a generic network (one with global/local "
+                              f"variants); list UHR methods in benchmark.methods")
+        for mode in raw["benchmark"].get("inference") or []:
+            if mode not in variants:
+                raise ConfigError(f"benchmark.inference: '{mode}' is not a variant of {name} ({', '.join(variants)})")
         config.method_block(name)
     registered = set(list_methods())
     for name in config.model_sets:
@@ -401,15 +447,17 @@ def validate(config: Config) -> None:
                                   f"{', '.join(known_datasets)}")
             check_model(name, entry.get("model") or {}, f"methods.{name}.datasets.{dataset}.model")
         check_model(name, config.model_sets.get(name, {}), f"--set {name}")
+        runs = [f"{name}-{v.name}" for v in method_class(name).variants] or [name]
         for profile in block.get("recipes") or {}:
             for dataset in datasets:
                 probe = config if profile == config.profile else Config(
                     raw={**raw, "profile": profile}, path=config.path, model_sets=config.model_sets)
-                recipe, where = probe._profile_recipe(name, dataset)
-                if recipe is None:
-                    continue
-                check_model(name, recipe.get("model") or {}, f"{where}.model")
-                keys = probe.phase_keys(name, dataset)
-                for key in keys or [None]:
-                    probe.recipe(name, dataset, key)
+                for run in runs:
+                    recipe, where = probe._profile_recipe(run, dataset)
+                    if recipe is None:
+                        continue
+                    check_model(name, recipe.get("model") or {}, f"{where}.model")
+                    keys = probe.phase_keys(run, dataset)
+                    for key in keys or [None]:
+                        probe.recipe(run, dataset, key)
 

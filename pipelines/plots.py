@@ -60,14 +60,13 @@ def plot_name(point: dict) -> str:
     method's display name and knob values, e.g. published "RUE (K = 100%)" and ours both "rue K=1"), so the two can
     be matched by eye. A reconstruction's paper row keeps the paper's name: its display name would claim the
     published number is our reconstruction."""
-    if point["source"] != "published":
+    owner = point.get("owner") or published.row_owner({"method": point["label"]})[0]
+    if point["source"] != "published" or owner is None:
         return point["label"]
-    for method in list_methods():
-        cls = method_class(method)
-        if point["label"] in cls.published and not cls.label:
-            settings = tuple(sorted((k, float(v)) for k, v in cls.published[point["label"]].items()))
-            return published.settings_label(method, settings, display_name(method))
-    return point["label"]
+    run, settings = owner
+    if method_class(run).label:
+        return point["label"]
+    return published.settings_label(run, settings, display_name(run))
 
 
 def _memory_key(values: list[float]) -> list[float]:
@@ -492,7 +491,7 @@ def knob_curves(datasets: list[str], ours: dict[str, dict]) -> dict[str, dict]:
     for method in list_methods():
         cls = method_class(method)
         for knob in cls.knobs:
-            rows = {row: dict(settings).get(knob.name) for row, settings in cls.published.items()}
+            rows = {row: settings.get(knob.name) for row, settings in cls.published.items()}
             for d in datasets:
                 pub = [(rows[p["label"]], p["fps"], p["miou"]) for p in published.points(d)
                        if rows.get(p["label"]) is not None]

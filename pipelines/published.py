@@ -93,12 +93,26 @@ def row_order(item) -> tuple:
 
 @cache
 def _owners() -> dict[str, tuple[str, Settings]]:
-    """Published row name -> (our method, knob settings) as the methods declare."""
+    """Published row key ("GLNet", "Local inference: UNet", "UNet [local]") -> (our run, knob settings) as the
+    methods declare; a `variant` in the settings names the run (`unet-local`)."""
     owners = {}
     for name in list_methods():
         for row, settings in method_class(name).published.items():
-            owners[row] = (name, tuple(sorted((k, float(v)) for k, v in settings.items())))
+            knobs = {k: v for k, v in settings.items() if k != "variant"}
+            run = f"{name}-{settings['variant']}" if "variant" in settings else name
+            owners[row] = (run, tuple(sorted((k, float(v)) for k, v in knobs.items())))
     return owners
+
+
+def row_owner(row: dict, column: dict | None = None) -> tuple[tuple[str, Settings] | None, bool]:
+    """(our run and settings that fill a published row's cell, whether they were named for that column): the most
+    specific declaration wins, "UNet [local]" over "Local inference: UNet" over "UNet"."""
+    owners = _owners()
+    if column is not None and f"{row['method']} [{column['key']}]" in owners:
+        return owners[f"{row['method']} [{column['key']}]"], True
+    if "group" in row and f"{row['group']}: {row['method']}" in owners:
+        return owners[f"{row['group']}: {row['method']}"], False
+    return owners.get(row["method"]), False
 
 
 def our_results(dataset: str) -> dict:
@@ -212,8 +226,8 @@ def _missing(dataset: str, ours: dict, label: str) -> str:
     return f"not measured (no {dataset} run)" if not ours["runs"] else f"not measured (no {label} run)"
 
 
-def _our_cell(mine: dict, column: dict, owner: tuple[str, Settings]):
-    if column.get("output"):
+def _our_cell(mine: dict, column: dict, owner: tuple[str, Settings], for_column: bool = False):
+    if column.get("output") and not for_column:  # a run declared for this very column fills it with its headline
         value = mine.get("outputs", {}).get(column["output"])
         missing = f"not measured ({settings_label(*owner)} has no `{column['output']}` output)"
         return value if value is not None else missing
@@ -225,19 +239,22 @@ def _published_row(row: dict, dataset: str, ours: dict, columns: list[dict]) -> 
     out["method"] = row["method"]
     if "venue" in row:
         out["published in"] = row["venue"]
-    owner = _owners().get(row["method"])
-    mine = None if owner is None else ours["rows"].get(owner)
+    labels = []
     for column in columns:
+        owner, for_column = row_owner(row, column)
+        mine = None if owner is None else ours["rows"].get(owner)
         if owner is None:
             cell = PUBLISHED_ONLY
         elif mine is None:
             cell = _missing(dataset, ours, settings_label(*owner))
         else:
-            cell = _our_cell(mine, column, owner)
+            cell = _our_cell(mine, column, owner, for_column)
+        if owner is not None and settings_label(*owner) not in labels:
+            labels.append(settings_label(*owner))
         text = row.get(column["key"])
         out.update(triple(column["title"], cell_value(text), text if text is not None else None, cell,
                           column["digits"]))
-    out["ours"] = "" if owner is None else settings_label(*owner)
+    out["ours"] = ", ".join(labels)
     out["note"] = row.get("note", "")
     return out
 
@@ -251,7 +268,7 @@ def published_table(table_id: str, ours: dict | None = None) -> pd.DataFrame:
     ours = our_results(dataset) if ours is None else ours
     rows = [_published_row(row, dataset, ours, columns) for row in spec["rows"]]
     if spec.get("sweep_rows"):
-        owned = {_owners()[r["method"]] for r in spec["rows"] if r["method"] in _owners()}
+        owned = {row_owner(r)[0] for r in spec["rows"] if row_owner(r)[0] is not None}
         methods = {m for m, settings in owned if settings}
         for (method, settings), mine in sorted(ours["rows"].items(), key=row_order):
             if method in methods and settings and (method, settings) not in owned:
@@ -288,7 +305,7 @@ def points(dataset: str) -> list[dict]:
             if miou is None or fps is None or label in found:
                 continue
             found[label] = {"label": label, "miou": miou, "fps": fps, "memory": cell_value(row.get("memory")),
-                            "source": "published"}
+                            "source": "published", "owner": row_owner(row)[0]}
     return list(found.values())
 
 

@@ -122,6 +122,13 @@ class _Block(BaseModel):
 class Benchmark(_Block):
     datasets: list[str]
     methods: list[str]
+    networks: list[str] = []  # generic networks, each run once per `inference` mode (`unet-global`, ...)
+    inference: list[str] | None = None  # None: every variant of each network
+
+
+class Suite(_Block):
+    methods: list[str]
+    networks: list[str] = []
 
 
 class TrainSettings(_Block):
@@ -179,6 +186,7 @@ class Params(_Block):
     data_root: str = "data"
     checkpoint_root: str = "checkpoints"
     results_root: str = "results"
+    suites: dict[str, Suite] = {}  # named selections; `benchmark` merges one in (`<<: *core`)
     benchmark: Benchmark
     datasets: dict[str, dict[str, Any]]
     train: TrainSettings = TrainSettings()

@@ -16,7 +16,7 @@ def run(*args):
 
 
 def test_params_yaml_holds_deltas_only():
-    assert len((REPO / "params.yaml").read_text().splitlines()) < 200
+    assert len((REPO / "params.yaml").read_text().splitlines()) < 260  # one line per generic network
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     from pipelines.schema import constructor_keywords
 

@@ -12,23 +12,31 @@ import pytest
 import torch
 
 from datasets import get_dataset, list_datasets
-from methods import UHRMethod, build_method, list_methods, method_class
+from methods import UHRMethod, build_method, list_methods, method_class, run_names
 from pipelines.config import check_model, load_config
 from pipelines.published import published_ablations, tables
 
 METHODS = sorted(list_methods())
+RUNS = run_names()  # each method, or each of its variants (`unet-global`, `unet-local`)
+
+
+def first_run(name: str) -> str:
+    """What a method builds as: itself, or its first variant."""
+    variants = method_class(name).variants
+    return f"{name}-{variants[0].name}" if variants else name
 SIZES = [(320, 320), (300, 262)]  # the smoke patch sizes fit; 300 x 262 divides by nothing useful
 
 
 def smoke_config(name: str) -> dict:
     config = load_config()
-    if name not in (config.raw.get("methods") or {}):
+    if method_class(name).name not in (config.raw.get("methods") or {}):
         return {}
     return config.method_model(name, "synthetic")
 
 
 def build(name: str, **extra):
     torch.manual_seed(0)
+    name = first_run(name) if name in METHODS else name
     return build_method(name, 7, **{**smoke_config(name), **extra})
 
 
@@ -39,7 +47,7 @@ def test_method_lives_in_its_own_module(name):
     assert cls.description and cls.name == name
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", RUNS)
 def test_predict_at_two_sizes(name):
     model = build(name).eval()
     for h, w in SIZES:
@@ -53,7 +61,7 @@ def test_predict_at_two_sizes(name):
                 assert value.shape == (1, channels, h, w) and torch.isfinite(value).all(), output
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", RUNS)
 def test_every_phase_trains(name):
     model = build(name).train()
     images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
@@ -88,7 +96,7 @@ COUNTED = [(name, i) for name in METHODS for i in range(len(method_class(name).p
 @pytest.mark.parametrize(("name", "index"), COUNTED)
 def test_declared_parameter_counts(name, index):
     declared = method_class(name).param_counts[index]
-    model = build_method(name, declared.num_classes, **declared.config).eval()
+    model = build_method(first_run(name), declared.num_classes, **declared.config).eval()
     if declared.total is not None:
         assert sum(p.numel() for p in model.parameters()) == declared.total, declared.source
     if declared.inference is not None:
@@ -111,10 +119,16 @@ def test_declarations_name_real_keywords_and_rows(name):
             knob.check(value)
     for row in cls.ablations:
         check_model(name, row.model, f"{name} ablation {row.key}")
-    rows = {r["method"] for spec in tables().values() for r in spec["rows"]}
+    rows = set()  # every way a row can be named: "UNet", "Local inference: UNet", "UNet [local]"
+    for spec in tables().values():
+        for r in spec["rows"]:
+            rows |= {r["method"], f"{r.get('group')}: {r['method']}"}
+            rows |= {f"{r['method']} [{c['key']}]" for c in spec.get("columns", []) if isinstance(c, dict)}
     assert set(cls.published) <= rows, "a published row the tables do not have"
     for settings in cls.published.values():
-        assert set(settings) <= {k.name for k in cls.knobs}
+        assert set(settings) <= {k.name for k in cls.knobs} | {"variant"}
+        assert settings.get("variant", cls.variants[0].name if cls.variants else None) in \
+            [v.name for v in cls.variants] + ([None] if not cls.variants else [])
     for table, spec in (published_ablations().get(name, {}).get("tables") or {}).items():
         assert set(spec["rows"]) <= {r.key for r in cls.ablations if r.table == table}, table
     first = {}
@@ -158,7 +172,7 @@ def test_upstream_checkpoint_round_trip(name, tmp_path):
     path = tmp_path / "official"
     source.save_official(str(path))
     torch.manual_seed(1)
-    target = build_method(name, 7, **smoke_config(name)).eval()
+    target = build_method(first_run(name), 7, **smoke_config(name)).eval()
     target.load_official(str(path))
     theirs = target.state_dict()
     different = [k for k, v in source.state_dict().items() if v.is_floating_point() and not torch.equal(v, theirs[k])]

@@ -72,7 +72,7 @@ def test_a_new_method_needs_one_module_and_one_params_block(copy_repo, tmp_path)
     before = _digests(repo)
     (repo / "methods" / "toy.py").write_text(TOY_MODULE)
     params = repo / "params.yaml"
-    assert params.read_text().rstrip().splitlines()[-1].startswith("    "), "methods: must stay the last block"
+    assert params.read_text().rstrip().splitlines()[-1].startswith("  "), "methods: must stay the last block"
     params.write_text(params.read_text().rstrip("\n") + "\n" + TOY_PARAMS)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     tiny = ["--set", "datasets.synthetic.image_size=128", "--set", "datasets.synthetic.num_images=6",

@@ -24,6 +24,9 @@ def shrink(params: Path) -> None:
             phase.update(iterations=2, batch_size=2, log_every=1)
         if recipe.get("crop_size"):
             recipe["crop_size"] = 64
+    raw["benchmark"]["networks"] = ["unet"]  # the generic stages too, in both inference modes
+    raw["schedules"]["generic_smoke"].update(iterations=2, log_every=1, model={"window": 48, "overlap": 16})
+    raw["schedules"]["generic_smoke"]["variants"]["local"].update(crop_size=64, batch_size=2)
     for name in ("global", "local"):
         raw["methods"][name].setdefault("model", {})["channels"] = 16
     raw["methods"]["local"]["model"].update(window=48, overlap=16)
@@ -53,6 +56,10 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
     methods = yaml.safe_load((repo / "params.yaml").read_text())["benchmark"]["methods"]
     for method in methods:
         assert f"Running stage 'train@synthetic-{method}'" in first
+    for mode in ("global", "local"):
+        assert f"Running stage 'train_generic@synthetic-unet-{mode}'" in first
+    methods = [*methods, "unet-global", "unet-local"]  # runs, as every later stage names them
+    for method in methods:
         metrics = json.loads((repo / "results" / "metrics" / "synthetic" / f"{method}.json").read_text())
         assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == 2
     summary = json.loads((repo / "results" / "summary.json").read_text())  # DVC's one compact metric file
@@ -68,8 +75,10 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["uhrbench-synthetic"])
     tracked = [name for name in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-               if name not in ("prepare", "report")]
-    assert set(runs["tags.dvc_stage"]) == {f"{stage}@synthetic-{m}" for stage in tracked for m in methods}
+               if name not in ("prepare", "report") and not name.endswith("_generic")]
+    stages = {f"{stage}@synthetic-{m}" for stage in tracked for m in methods[:-2]}
+    stages |= {f"{stage}_generic@synthetic-{m}" for stage in tracked for m in methods[-2:]}
+    assert set(runs["tags.dvc_stage"]) == stages
     assert (runs["status"] == "FINISHED").all()
 
     # nothing changed: nothing runs
@@ -85,10 +94,19 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
     assert ran == sorted(["report"] + [f"{stage}@synthetic-local" for stage in tracked])
 
     # one method's module edited: only that method retrains (its evaluation follows where the weights changed)
-    edited = methods[-1]
+    edited = methods[-3]
     with open(repo / "methods" / f"{edited}.py", "a") as handle:
         handle.write("\n# edited\n")
     fourth = dvc(repo, env, "repro")
     ran = {line.split("'")[1] for line in fourth.splitlines() if line.startswith("Running stage")}
     assert f"train@synthetic-{edited}" in ran
     assert ran <= {"report"} | {f"{stage}@synthetic-{edited}" for stage in tracked}
+
+    # a generic network's module edited: its runs in both inference modes retrain, nothing else
+    with open(repo / "methods" / "unet.py", "a") as handle:
+        handle.write("\n# edited\n")
+    fifth = dvc(repo, env, "repro")
+    ran = {line.split("'")[1] for line in fifth.splitlines() if line.startswith("Running stage")}
+    assert {"train_generic@synthetic-unet-global", "train_generic@synthetic-unet-local"} <= ran
+    assert ran <= {"report"} | {f"{stage}_generic@synthetic-unet-{mode}" for stage in tracked
+                                for mode in ("global", "local")}

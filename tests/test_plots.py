@@ -109,6 +109,10 @@ def test_plot_names_follow_display_names():
     assert name("RUE (K = 100%)") == "rue K=1" and name("RUE (K = 50%)") == "rue K=0.5"
     assert name("UHRNet") == "UHRNet"  # our uhrsnet is a reconstruction: the paper's point keeps the paper's name
     assert name("F2Net") == "F2Net" and name("isdnet", "ours") == "isdnet"
+    # a name printed under two groups is named as the variant that fills it
+    points = {p["label"]: p for p in published_module.points("deepglobe")}
+    assert plots.plot_name(points["UNet (local inference)"]) == "unet-local"
+    assert plots.plot_name(points["UNet (global inference)"]) == "unet-global"
 
 
 def _train_run(client, exp, method, metrics: dict[str, list[tuple[int, float]]], tags=None, parent=None,

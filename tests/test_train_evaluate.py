@@ -104,7 +104,8 @@ def test_recipe_amp_on_cpu_runs_bf16_and_refuses_fp16(tmp_path, tiny_synthetic, 
     from pipelines.distributed import DistContext
     from pipelines.train import Position, SeededSamples, train_phase
 
-    config = load_config(tiny_params(tmp_path, tiny_synthetic, iterations=1), [f"methods.local.recipes.smoke.amp={amp}"])
+    params = tiny_params(tmp_path, tiny_synthetic, iterations=1)
+    config = load_config(params, [f"methods.local.recipes.smoke.amp={amp}"])
     recipe = config.recipe("local", "synthetic")
     assert recipe.amp == amp
     model = build_method("local", 7, **config.method_model("local", "synthetic"))

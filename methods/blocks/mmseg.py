@@ -86,6 +86,20 @@ def mmseg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 # official checkpoint layout (§8)
 
 
+# mmseg key prefixes -> ours, for the pieces several methods share: ResNetV1c's deep stem (timm names it conv1 / bn1),
+# ASPPHead (our ImagePool is a plain Sequential, `aspp_modules` is `aspp`) and any head's `conv_seg` classifier
+RESNET_V1C_RENAMES = (
+    ("backbone.stem.0.", "backbone.conv1.0."), ("backbone.stem.1.", "backbone.conv1.1."),
+    ("backbone.stem.3.", "backbone.conv1.3."), ("backbone.stem.4.", "backbone.conv1.4."),
+    ("backbone.stem.6.", "backbone.conv1.6."), ("backbone.stem.7.", "backbone.bn1."),
+)
+ASPP_HEAD_RENAMES = (
+    ("decode_head.image_pool.1.conv.", "decode_head.image_pool.1."),
+    ("decode_head.image_pool.1.bn.", "decode_head.image_pool.2."),
+    ("decode_head.aspp_modules.", "decode_head.aspp."), ("decode_head.conv_seg.", "decode_head.classifier."),
+)
+
+
 def map_official_keys(state: dict[str, torch.Tensor], renames, unused: tuple[str, ...] = ()
                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """mmseg release keys -> our keys (prefix `renames`), STDC `x2/x4/x8/x16` aliases folded onto

@@ -511,3 +511,15 @@ def test_loss_weights_are_the_specs():
     for key, value in expected.items():
         assert terms[key].item() == pytest.approx(value.item(), rel=1e-6), key
         assert value.item() > 0, key
+
+
+def test_laplacian_residuals_stay_float32_under_bf16_autocast():
+    """The smoke recipes train under bf16 autocast; the Laplacian residuals (the shallow branch's input and the SR
+    target) are differences of nearly equal images and must not be rounded to bfloat16 first."""
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 64, 80)
+    pyramid = LaplacianPyramid(levels=2)
+    exact = pyramid(image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pyramid(image)
+    assert all(m.dtype == torch.float32 and torch.equal(m, e) for m, e in zip(mixed, exact, strict=True))

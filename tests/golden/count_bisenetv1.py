@@ -2,7 +2,7 @@
 `bisenetv1/bisenetv1_r18-d32_4x4_1024x1024_160k_cityscapes.py` with 7 classes (what it does: bisenet_parity.py).
 Side environment only, never imported by the tests:
 
-    /work/sidevenv/bin/python tests/golden/count_bisenetv1.py [--write]   # --write: tests/golden/bisenetv1.npz
+    /tmp/side/bin/python tests/golden/count_bisenetv1.py [--write]   # --write: tests/golden/bisenetv1.npz
 """
 from bisenet_parity import check
 

@@ -2,7 +2,7 @@
 `bisenetv2/bisenetv2_fcn_4x4_1024x1024_160k_cityscapes.py` with 7 classes (what it does: bisenet_parity.py).
 Side environment only, never imported by the tests:
 
-    /work/sidevenv/bin/python tests/golden/count_bisenetv2.py [--write]   # --write: tests/golden/bisenetv2.npz
+    /tmp/side/bin/python tests/golden/count_bisenetv2.py [--write]   # --write: tests/golden/bisenetv2.npz
 """
 from bisenet_parity import check
 

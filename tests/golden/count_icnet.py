@@ -2,7 +2,7 @@
 parameter count, and logit parity (main and auxiliary heads) on seeded weights written by our `save_official`.
 `--write` saves `tests/golden/icnet.npz` (`mmseg030.py` says how). Side venv only:
 
-    /work/sidevenv/bin/python tests/golden/count_icnet.py [--write]
+    /tmp/side/bin/python tests/golden/count_icnet.py [--write]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 cityscapes.py`): parameter count, golden parity and the `segformer` fixture. Run with the side venv (mmseg 0.30,
 mmcv 1.4.0 without compiled ops), never by the tests:
 
-    /work/sidevenv/bin/python tests/golden/count_segformer.py [--dry-run]
+    /tmp/side/bin/python tests/golden/count_segformer.py [--dry-run]
 
 It builds the reference from the config (num_classes=7, BN, no pretrained file) and counts its parameters, writes
 our seeded weights (`seeded.seed_weights`) with `save_official` (MiT keys converted to mmseg's: q/kv joined into

@@ -2,7 +2,7 @@
 parameter count, golden parity and the `stdc_seg` fixture. Run with the side venv (mmseg 0.30, mmcv 1.4.0 without
 compiled ops), never by the tests:
 
-    /work/sidevenv/bin/python tests/golden/count_stdc.py [--dry-run]
+    /tmp/side/bin/python tests/golden/count_stdc.py [--dry-run]
 
 1. builds the reference from the config (num_classes=7, BN) and counts its parameters;
 2. writes our seeded weights (`seeded.seed_weights`) with `save_official`, loads them into the reference with

@@ -2,7 +2,7 @@
 (PSPNet, ICNet), shared by their `count_<name>.py` scripts. Never imported by the tests.
 
 Runs in the side venv with mmsegmentation 0.30.0 and mmcv 1.4.0 without compiled ops, which also sees the project's
-packages (`/work/sidevenv/bin/python tests/golden/count_pspnet.py`; README.md for building one). The reference is
+packages (`/tmp/side/bin/python tests/golden/count_pspnet.py`; README.md for building one). The reference is
 mmseg's own model built from the installed config (`mmseg/.mim/configs`), with BN for SyncBN and 7 classes.
 
 What a script checks: the reference's parameter count against ours; then our model with seeded weights

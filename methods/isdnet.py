@@ -110,8 +110,10 @@ class LaplacianPyramid(nn.Module):
         """High-frequency residuals [H0 (full size), H1 (1/2), ...]; the final low-pass level is discarded (§2.3).
         Always float32, also under bf16 autocast: a residual is the small difference of two nearly equal images,
         which bfloat16's 8-bit mantissa mostly rounds away (ISDNet's smoke run lost 16 mIoU to it)."""
-        with torch.autocast(x.device.type, enabled=False):
-            return self.decompose(x.float())[0]
+        if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.decompose(x.float())[0]
+        return self.decompose(x)[0]
 
 
 def laplacian_input(residuals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,13 +77,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_deterministic(enabled: bool) -> None:
-    """Bit-reproducible kernels (slower); off by default, recorded with the run."""
+@contextlib.contextmanager
+def deterministic(enabled: bool) -> Iterator[None]:
+    """Bit-reproducible kernels (slower) while training; off by default, recorded with the run. An op without a
+    deterministic kernel (SegNet's max-unpooling) warns instead of failing. The previous settings come back after,
+    so that training in-process (tests, notebooks) leaves no global state behind."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False if enabled else torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2:]
 
 
 def build_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
@@ -274,7 +285,6 @@ def train(config: Config, dataset: str, method: str, device: str = "auto", worke
     read_meta(root)  # a clear error when the dataset is not prepared
     train_cfg = config.section("train")
     workers = train_cfg.get("workers", 0) if workers is None else workers
-    set_deterministic(bool(train_cfg.get("deterministic", False)))
     ctx = distributed.init_distributed(tracking.resolve_device(device))
     out_dir = checkpoint_dir(config, dataset, method)
     lock = FileLock(out_dir.parent / f".{method}.train.lock")  # beside the folder DVC tracks, not in it
@@ -286,7 +296,7 @@ def train(config: Config, dataset: str, method: str, device: str = "auto", worke
             except Timeout:
                 raise TrainingError(f"another `bench.py train` is writing {out_dir} (lock {lock.lock_file}); wait "
                                     "for it to finish or stop it, then run this again") from None
-        with stop_on_signals() as stop:
+        with stop_on_signals() as stop, deterministic(bool(train_cfg.get("deterministic", False))):
             return _train(config, dataset, method, info, root, ctx, workers, train_cfg.get("batch_per_device"), stop)
     except KeyboardInterrupt as exc:
         where = str(exc) if isinstance(exc, TrainingInterrupted) else "mid-step"

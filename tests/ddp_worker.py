@@ -23,7 +23,8 @@ def train_local(data_root: Path, per_device: int, ctx, iterations: int = 3) -> d
                                     "methods.local.recipes.smoke.batch_size=2",
                                     # SGD: a step linear in the gradient (Adam divides float noise by ~0 where
                                     # a gradient vanishes)
-                                    "methods.local.recipes.smoke.optimizer=sgd", "methods.local.recipes.smoke.lr=0.01"])
+                                    "methods.local.recipes.smoke.optimizer=sgd", "methods.local.recipes.smoke.lr=0.01",
+                                    "methods.local.recipes.smoke.amp=null"])  # fp32: compared to float tolerance
     model = untrained_local()
     samples = SeededSamples(PreparedDataset(data_root / "synthetic", "train",
                                             transform=training_transform(64, hflip=True)), seed=0)

@@ -11,22 +11,20 @@ the reference implementation (tests/test_contract.py). `load_official` reads an 
 from __future__ import annotations
 
 import segmentation_models_pytorch as smp
-import torch
-import torch.nn.functional as F
 
-from methods.base import LoadReport, ParamCount, register_method
-from methods.blocks.backbones import read_state_dict
-from methods.blocks.generic import GenericSegmenter
+from methods.base import ParamCount, register_method
+from methods.blocks.smp_network import SmpSegmenter
 
 
 @register_method
-class DeepLabV3Plus(GenericSegmenter):
+class DeepLabV3Plus(SmpSegmenter):
     name = "deeplabv3plus"
     description = "DeepLabv3+ (smp, ResNet-50), generic baseline: variants deeplabv3plus-global and deeplabv3plus-local"
     published = {"Local inference: DeepLabv3+": {"variant": "local"},
                  "Global inference: DeepLabv3+": {"variant": "global"},
                  "DeepLabv3+": {"variant": "global"},  # Inria's "Generic" row: the whole tile, downsampled
                  "DeepLabv3+ [local]": {"variant": "local"}, "DeepLabv3+ [global]": {"variant": "global"}}
+    size_divisor = 16  # output stride 16
     param_counts = (ParamCount("smp 0.6.0 DeepLabV3Plus('resnet50', classes=7)", total=26_679_127,
                                config={"inference": "global"}),
                     ParamCount("smp 0.6.0 DeepLabV3Plus('resnet18', classes=7)", total=12_330_839,
@@ -36,19 +34,3 @@ class DeepLabV3Plus(GenericSegmenter):
         super().__init__(num_classes, **kwargs)
         self.network = smp.DeepLabV3Plus(encoder, encoder_weights="imagenet" if pretrained else None,
                                          classes=num_classes)
-
-    def network_outputs(self, x):
-        # smp needs sides divisible by 16 at output stride 16: pad (zeros = the mean colour), then crop
-        h, w = x.shape[-2:]
-        ph, pw = -h % 16, -w % 16
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        return [self.network(x)[..., :h, :w]]
-
-    def load_official(self, path: str, strict: bool = True) -> LoadReport:
-        """An `smp.DeepLabV3Plus` state dict (optionally under "state_dict" / "model")."""
-        state = {f"network.{k}": v for k, v in read_state_dict(path).items()}
-        return self.load_mapped_state(state, path, strict)
-
-    def save_official(self, path: str) -> None:
-        torch.save({k[len("network."):]: v for k, v in self.state_dict().items()}, path)

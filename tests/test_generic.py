@@ -115,3 +115,16 @@ def test_only_unimplemented_systems_stay_published_only(table_id):
     assert only == NOT_IMPLEMENTED[table_id]
     filled = table[~table["method"].isin(only)]
     assert filled[mine].map(lambda v: str(v).startswith("not measured (no ")).all().all()
+
+
+@pytest.mark.parametrize(("run", "divisor"), [("unet-global", 32), ("deeplabv3plus-global", 16)])
+def test_smp_networks_pad_and_crop_rather_than_stretch(run, divisor):
+    """smp needs sides divisible by its output stride: the input is zero-padded (the mean colour after
+    normalisation) and the logits cropped back, so a pixel's logit is the network's at that pixel."""
+    torch.manual_seed(0)
+    model = build_method(run, 7, downsample=1, encoder="resnet18").eval()
+    image = torch.randint(0, 256, (1, 3, 70, 90), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(model.normalize(image), (0, -90 % divisor, 0, -70 % divisor))
+    with torch.inference_mode():
+        expected = model.network(padded)[..., :70, :90]
+        assert torch.allclose(model.predict(image), expected, atol=1e-5)

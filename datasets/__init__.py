@@ -9,6 +9,7 @@ import pkgutil
 from datasets.base import (  # noqa: F401
     DatasetError,
     DatasetInfo,
+    DecodeCache,
     PreparedDataset,
     get_dataset,
     list_datasets,

@@ -39,7 +39,7 @@ from torch import nn
 
 from methods.base import LoadReport, MethodError, ParamCount, register_method
 from methods.blocks.backbones import read_state_dict
-from methods.blocks.generic import GenericSegmenter
+from methods.blocks.generic import ISD_VARIANT, SCALE_VARIANTS, GenericSegmenter
 from methods.blocks.mmseg import conv_bn, init_conv_modules, init_conv_seg, mmseg_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,11 +144,15 @@ class SegformerHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The fused 1/4 map before dropout and classifier (what the ISD framework fuses)."""
         size = features[0].shape[-2:]
         outs = [F.interpolate(conv(x), size=size, mode="bilinear", align_corners=False)
                 for conv, x in zip(self.convs, features, strict=True)]
-        return self.conv_seg(self.dropout(self.fusion_conv(torch.cat(outs, dim=1))))
+        return self.fusion_conv(torch.cat(outs, dim=1))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv_seg(self.dropout(self.features(features)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,13 +163,24 @@ class SegformerHead(nn.Module):
 class Segformer(GenericSegmenter):
     name = "segformer"
     description = "Segformer-b0 (mmseg 0.30 config), generic baseline: variants segformer-global and segformer-local"
-    published = {"Segformer-b0": {"variant": "global"}}
+    variants = (*GenericSegmenter.variants, *SCALE_VARIANTS, ISD_VARIANT)
+    published = {"Segformer-b0": {"variant": "global"}, "Segformer-b0 (1/2 scale)": {"variant": "half"},
+                 "Segformer-b0 (1/4 scale)": {"variant": "quarter"}, "Segformer-b0 + ISD": {"variant": "isd"}}
+    # "+ ISD": the 256-channel fused map goes to the ISD head, projected to its 128 channels by the first RAF's
+    # context ChannelAtt and by the SR decoder's first conv (reconstructed, `methods/blocks/generic.py`)
+    isd_channels = 256
     loss = staticmethod(mmseg_cross_entropy)  # mmseg 0.30 CrossEntropyLoss: mean over all pixels
     param_counts = (ParamCount("mmseg 0.30 segformer_mit-b0_8x1_1024x1024_160k_cityscapes (num_classes=7, BN)",
-                               total=3_716_967, config={"inference": "global"}),)
+                               total=3_716_967, config={"inference": "global"}),
+                   # "+ ISD" (reconstructed): ISDNet's head (3,796,508 in the official code) with its two 3x3
+                   # projections from Segformer's 256 channels where ISDNet's deep features have 128
+                   ParamCount("segformer_mit-b0 (mmseg 0.30) + ISDNet's ISDHead (official code @7341335) widened",
+                              total=3_716_967 + 3_796_508 + 128 * 128 * 9 + 128 * 64 * 9,
+                              config={"inference": "isd", "downsample": 4}))
 
     def __init__(self, num_classes: int, pretrained: bool | str = False, channels: int = 256, **kwargs) -> None:
         super().__init__(num_classes, **kwargs)
+        self.isd_channels = channels
         self.backbone = smp.encoders.get_encoder("mit_b0", in_channels=3, depth=5,
                                                  weights="imagenet" if pretrained is True else None)
         for m in self.backbone.modules():
@@ -178,6 +193,7 @@ class Segformer(GenericSegmenter):
             self._load_encoder(str(pretrained))
         init_conv_modules(self.decode_head)
         init_conv_seg(self.decode_head.conv_seg)
+        self.build_isd_head()
 
     def _load_encoder(self, path: str) -> None:
         """A MiT-b0 ImageNet file: NVlabs/smp keys (`patch_embed1.*`, classifier `head.*` dropped) or mmseg keys
@@ -191,8 +207,13 @@ class Segformer(GenericSegmenter):
                               f"mis-shaped ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''})")
         nn.Module.load_state_dict(self.backbone, state)
 
+    def network_features(self, x):
+        # smp's first two entries: the input and an empty 1/2 map
+        features = self.decode_head.features(self.backbone(x)[2:])
+        return features, [self.decode_head.conv_seg(self.decode_head.dropout(features))]
+
     def network_outputs(self, x):
-        return [self.decode_head(self.backbone(x)[2:])]  # smp's first two entries: the input and an empty 1/2 map
+        return self.network_features(x)[1]
 
     def load_official(self, path: str, strict: bool = True) -> LoadReport:
         """An mmseg SegFormer checkpoint (`backbone.layers.*`, `decode_head.*`)."""

@@ -11,7 +11,16 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+)
 
 
 class ConfigError(ValueError):
@@ -49,7 +58,7 @@ class Recipe:
     photometric: bool = False
     cat_max_ratio: float | None = None
     amp: Literal["fp16", "bf16"] | None = None  # autocast; on CPU bf16 only
-    channels_last: bool = False  # NHWC memory format (CUDA only)
+    channels_last: bool = False  # NHWC memory format (oneDNN on CPU, cuDNN on CUDA: same math, faster kernels)
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
 
@@ -133,6 +142,7 @@ class Suite(_Block):
 
 class TrainSettings(_Block):
     workers: NonNegativeInt = 0  # DataLoader workers
+    cache_mib: NonNegativeFloat = 1024  # decoded training images kept in memory, per process (0: decode each time)
     nproc_per_node: PositiveInt = 1  # processes under torchrun
     batch_per_device: PositiveInt | None = None  # micro-batch per process; None: recipe batch / processes
     deterministic: bool = False

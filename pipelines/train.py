@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from datasets import PreparedDataset, get_dataset
+from datasets import DecodeCache, PreparedDataset, get_dataset
 from datasets.base import read_meta
 from datasets.transforms import training_transform
 from methods import UHRMethod, build_method, resolve_method_name
@@ -227,7 +227,7 @@ def train_phase(model: UHRMethod, phase, recipe: Recipe, samples: SeededSamples,
     model.train()
     for name in phase.frozen_eval:
         model.get_submodule(name).eval()
-    channels_last = recipe.channels_last and ctx.device.type == "cuda"
+    channels_last = recipe.channels_last  # NHWC: oneDNN on CPU and cuDNN both have faster kernels for it
     batches = micro_batches(samples, ctx, per_device, position, workers, ctx.device.type == "cuda")
     bar = tqdm(total=recipe.iterations, initial=position.iteration, desc=f"train {model.name}/{phase.name}",
                unit="it", dynamic_ncols=True, mininterval=2.0, disable=not ctx.is_primary)
@@ -297,7 +297,8 @@ def train(config: Config, dataset: str, method: str, device: str = "auto", worke
                 raise TrainingError(f"another `bench.py train` is writing {out_dir} (lock {lock.lock_file}); wait "
                                     "for it to finish or stop it, then run this again") from None
         with stop_on_signals() as stop, deterministic(bool(train_cfg.get("deterministic", False))):
-            return _train(config, dataset, method, info, root, ctx, workers, train_cfg.get("batch_per_device"), stop)
+            return _train(config, dataset, method, info, root, ctx, workers, train_cfg.get("batch_per_device"), stop,
+                          DecodeCache(train_cfg.get("cache_mib", 0)))
     except KeyboardInterrupt as exc:
         where = str(exc) if isinstance(exc, TrainingInterrupted) else "mid-step"
         raise TrainingInterrupted(f"{method} on {dataset} stopped ({where}); {resume_point(out_dir / 'last.pt')}") \
@@ -318,13 +319,13 @@ def resume_point(path: Path) -> str:
             f"{state['position']['iteration']})")
 
 
-def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, stop=None) -> Path:
+def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, stop=None, cache=None) -> Path:
     seed_everything(config.seed)
     model_cfg = full_model_config(method, config.method_model(method, dataset))  # pinned in the checkpoint
     model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg).to(ctx.device)
     phases = model.phases
     recipes = [config.recipe(method, dataset, phase.recipe) for phase in phases]  # all errors before any work
-    if any(r.channels_last for r in recipes) and ctx.device.type == "cuda":
+    if any(r.channels_last for r in recipes):
         model = model.to(memory_format=torch.channels_last)
     out_dir = checkpoint_dir(config, dataset, method)
     params_hash = config.params_hash(method, dataset)
@@ -363,7 +364,7 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, 
             position = Position(**resume["position"]) if resuming else Position()
             samples = SeededSamples(PreparedDataset(root, "train", transform=training_transform(
                 recipe.crop_size, recipe.resize_ratio, recipe.hflip, recipe.vflip, recipe.rot90, recipe.rotate,
-                recipe.photometric, recipe.cat_max_ratio)),
+                recipe.photometric, recipe.cat_max_ratio), cache=cache),
                 config.seed + 1000 * (index if phase.data_stream is None else phase.data_stream))
             factory = run_factory(phase.name, phase.name) if nested else contextlib.nullcontext
             with distributed.primary_only(ctx, factory) as phase_run:

@@ -96,7 +96,10 @@ COUNTED = [(name, i) for name in METHODS for i in range(len(method_class(name).p
 @pytest.mark.parametrize(("name", "index"), COUNTED)
 def test_declared_parameter_counts(name, index):
     declared = method_class(name).param_counts[index]
-    model = build_method(first_run(name), declared.num_classes, **declared.config).eval()
+    # the variant the configuration names (`inference: isd` -> pspnet-isd), else the first
+    run = next((f"{name}-{v.name}" for v in method_class(name).variants
+                if v.model.items() <= declared.config.items()), first_run(name))
+    model = build_method(run, declared.num_classes, **declared.config).eval()
     if declared.total is not None:
         assert sum(p.numel() for p in model.parameters()) == declared.total, declared.source
     if declared.inference is not None:

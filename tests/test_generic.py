@@ -101,8 +101,7 @@ NOT_IMPLEMENTED = {
                                "PointRend"},
     "paper_isdnet_inria": {"CascadePSP", "FCtL (no TTA)"},
     "paper_isdnet_cityscapes": {"DGF", "DenseCRF", "MagNet", "MagNet-Fast", "PointRend", "SegFix"},
-    "paper_isdnet_cityscapes_branches": {"PSPNet (1/2 scale)", "PSPNet (1/4 scale)", "PSPNet + ISD",
-                                         "Segformer-b0 (1/2 scale)", "Segformer-b0 (1/4 scale)", "Segformer-b0 + ISD"},
+    "paper_isdnet_cityscapes_branches": set(),
     "paper_uhrsnet_deepglobe": set(),
 }
 

@@ -11,8 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from datasets.synthetic import generate_image
 from methods.base import MethodError, build_method
+from methods.blocks.isd import LaplacianPyramid, RelationAwareFusion, affinity
 from methods.blocks.mmseg import mmseg_cross_entropy
-from methods.isdnet import ISDNet, LaplacianPyramid, RelationAwareFusion, affinity
+from methods.isdnet import ISDNet
 
 LOSS_KEYS = {"decode.loss_seg", "refine.loss_seg", "aux_1.loss_seg", "aux_2.loss_seg", "aux_3.recon_losses",
              "aux_4.fa_loss", "aux.loss_seg"}
@@ -486,7 +487,7 @@ def test_torchvision_stem_substitute():
 def test_loss_weights_are_the_specs():
     """§3 loss table: every term recomputed unweighted from the same forward pass (eval mode: no dropout, fixed BN),
     then weighted by hand with the spec's constants (aux 0.4, reconstruction 0.1, the rest 1.0)."""
-    from methods.isdnet import feature_affinity_loss, reconstruction_loss
+    from methods.blocks.isd import feature_affinity_loss, reconstruction_loss
 
     torch.manual_seed(0)
     net = ISDNet(num_classes=7).eval()

@@ -11,7 +11,8 @@ import yaml
 from conftest import ran_modules
 
 from methods.base import MethodError
-from methods.isdnet import ISDNet, RelationAwareFusion, laplacian_input
+from methods.blocks.isd import RelationAwareFusion, laplacian_input
+from methods.isdnet import ISDNet
 
 NUM_CLASSES = 5
 FULL = {"decode.loss_seg", "refine.loss_seg", "aux_1.loss_seg", "aux_2.loss_seg", "aux_3.recon_losses",

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from datasets import synthetic
-from datasets.base import DatasetError, PreparedDataset, get_dataset, read_split
+from datasets.base import DatasetError, DecodeCache, PreparedDataset, get_dataset, read_split
 from datasets.synthetic import BARREN, FOREST, RANGELAND, URBAN, WATER, generate_image, prepare
 
 LAND = (synthetic.AGRICULTURE, RANGELAND, FOREST, BARREN)
@@ -143,6 +143,31 @@ def test_prepared_layout_is_readable_and_stale_files_go(tmp_path):
     assert label.dtype == torch.int64 and label.shape == (96, 96) and int(label.max()) <= 6
     with Image.open(out / "labels" / "syn_0001.png") as lab:
         assert lab.mode == "L"
+
+
+def test_decode_cache_serves_the_same_samples_within_its_budget(tmp_path, monkeypatch):
+    out = tmp_path / "synthetic"
+    prepare(out, image_size=64, num_images=4, splits={"train": 2, "val": 1, "test": 1}, workers=1, progress=False)
+    reads = []
+    original = PreparedDataset._read
+    monkeypatch.setattr(PreparedDataset, "_read", lambda self, i: reads.append(i) or original(self, i))
+
+    def darken(image, label):  # an in-place transform must not reach the cached arrays
+        image //= 2
+        label[:] = 0
+        return image, label
+
+    plain = [PreparedDataset(out, "train")[i] for i in (0, 1)]
+    one_image = 64 * 64 * 3 + 64 * 64  # decoded RGB + label bytes
+    cache = DecodeCache(max_mib=1.5 * one_image / 2**20)  # room for one of the two
+    cached = PreparedDataset(out, "train", transform=darken, cache=cache)
+    reads.clear()
+    for _ in range(3):
+        samples = [cached[i] for i in (0, 1)]
+    assert reads == ["syn_0000", "syn_0001", "syn_0001", "syn_0001"]  # the first stays, the second does not fit
+    assert cache.used == one_image
+    for (image, label, _), (ref_image, _, _) in zip(samples, plain, strict=True):
+        assert torch.equal(image, ref_image // 2) and int(label.max()) == 0
 
 
 @pytest.mark.parametrize("kwargs, key", [

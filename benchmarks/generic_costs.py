@@ -5,6 +5,8 @@ code's default configuration (the one its module documents and tests/test_contra
 - DeepGlobe 2448 x 2448: global inference sees the image downsampled 4x (612 x 612); local inference runs windows of
   512 with 128 overlap (the code defaults; GLNet's papers use 508 patches), i.e. 7 x 7 windows.
 - Cityscapes 1024 x 2048 at full scale (downsample 1), as ISDNet's Table 3 runs the generic networks.
+- ISDNet's Table 4 on Cityscapes (19 classes): each network with the `half`, `quarter` and `isd` variants at full,
+  1/2 and 1/4 scale and as the deep branch of the ISD framework.
 
 MACs are FlopCounterMode FLOPs / 2 of one `predict` call, counted on meta tensors (no memory, no time), with the
 code `bench.py measure` uses (pipelines.measure.count_cost). Writes docs/generic-networks-cost.md.
@@ -14,10 +16,13 @@ code `bench.py measure` uses (pipelines.measure.count_cost). Writes docs/generic
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from methods import build_method, list_methods, method_class
 from methods.blocks.generic import GenericSegmenter
@@ -48,6 +53,17 @@ def main() -> None:
             params = params if classes == 19 else cost["params_total"]
             cells.append(f"{cost['gmacs']:.1f}")
         lines.append(f"| `{name}` | {params:,} | " + " | ".join(cells) + " |")
+    table4 = [n for n in networks if {"half", "quarter", "isd"} <= {v.name for v in method_class(n).variants}]
+    lines += ["", "ISDNet Table 4 (Cityscapes 1024x2048, 19 classes): parameters / GMACs of one `predict` call.", "",
+              "| network | full scale (`global`, downsample 1) | 1/2 scale (`half`) | 1/4 scale (`quarter`) | "
+              "+ ISD (`isd`) |", "| --- | --- | --- | --- | --- |"]
+    for name in tqdm(table4, desc="Table 4"):
+        cells = []
+        for variant, extra in (("global", {"downsample": 1}), ("half", {}), ("quarter", {}), ("isd", {})):
+            torch.manual_seed(0)
+            cost = count_cost(build_method(f"{name}-{variant}", 19, **extra).eval(), torch.zeros(1, 3, 1024, 2048))
+            cells.append(f"{cost['params_total']:,} / {cost['gmacs']:.1f}")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     Path(args.output).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

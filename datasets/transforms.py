@@ -41,14 +41,18 @@ class CatMaxRatioCrop(torch.nn.Module):
         return out_image, out_label
 
 
-def training_transform(crop_size: int | None, resize_ratio: float = 1.0, hflip: bool = True, vflip: bool = False,
+def training_transform(crop_size: int | tuple[int, int] | None, resize_ratio: float | tuple[float, float] = 1.0,
+                       hflip: bool = True, vflip: bool = False,
                        rot90: bool = False, rotate: dict | None = None, photometric: bool = False,
                        cat_max_ratio: float | None = None):
     """A callable (image, label) -> (image, label) applying the recipe's augmentations in mmseg order:
-    resize, crop, flip, rotate, photometric distortion."""
+    resize, crop, flip, rotate, photometric distortion. `resize_ratio` (lo, hi): a ratio drawn uniformly per sample
+    (mmseg `Resize(ratio_range=...)`, relative to the image's own size); `crop_size` an int or (height, width)."""
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
     steps: list = []
-    if resize_ratio != 1.0:
+    if isinstance(resize_ratio, list | tuple):
+        steps.append(_ScaleBy(*resize_ratio))
+    elif resize_ratio != 1.0:
         steps.append(_ScaleBy(resize_ratio))
     if crop_size is not None:
         if cat_max_ratio is not None and cat_max_ratio < 1.0:
@@ -77,13 +81,15 @@ def training_transform(crop_size: int | None, resize_ratio: float = 1.0, hflip: 
 
 
 class _ScaleBy(torch.nn.Module):
-    """Resize by a fixed ratio (bilinear image, nearest label), e.g. Inria's 5000 -> 4000."""
+    """Resize by a fixed ratio, e.g. Inria's 5000 -> 4000, or by one drawn uniformly from [ratio, high] per sample
+    (mmseg's random rescale, Cityscapes [0.5, 2]); bilinear image, nearest label."""
 
-    def __init__(self, ratio: float) -> None:
+    def __init__(self, ratio: float, high: float | None = None) -> None:
         super().__init__()
-        self.ratio = ratio
+        self.ratio, self.high = ratio, high
 
     def forward(self, image, label):
         h, w = image.shape[-2:]
-        size = [round(h * self.ratio), round(w * self.ratio)]
+        ratio = self.ratio if self.high is None else self.ratio + float(torch.rand(())) * (self.high - self.ratio)
+        size = [round(h * ratio), round(w * ratio)]
         return v2.functional.resize(image, size, antialias=True), v2.functional.resize(label, size)

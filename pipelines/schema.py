@@ -36,6 +36,9 @@ class Schedule:
     name: Literal["poly", "constant"] = "poly"
     power: float = 0.9
     min_lr: float = 0.0
+    # mmcv's linear warm-up: the scheduled lr times 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: Schedule = field(default_factory=Schedule)
-    crop_size: int | None = None  # None: whole image
-    resize_ratio: float = 1.0
+    crop_size: int | tuple[int, int] | None = None  # None: whole image; [height, width] for a non-square crop
+    resize_ratio: float | tuple[float, float] = 1.0  # [lo, hi]: a ratio drawn per sample (mmseg ratio_range)
     hflip: bool = True
     vflip: bool = False
     rot90: bool = False
@@ -61,6 +64,8 @@ class Recipe:
     channels_last: bool = False  # NHWC memory format (oneDNN on CPU, cuDNN on CUDA: same math, faster kernels)
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10
+    # mmcv paramwise custom_keys: {substring of a parameter name: {lr_mult, decay_mult}}, the longest match wins
+    param_groups: dict[str, dict[Literal["lr_mult", "decay_mult"], float]] | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> Recipe:
@@ -76,8 +81,8 @@ class Recipe:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         values = dict(raw)
         schedule = values.get("schedule") or {}
-        if not isinstance(schedule, dict) or set(schedule) - {"name", "power", "min_lr"}:
-            raise ConfigError(f"{where}.schedule must be a mapping with name/power/min_lr")
+        if not isinstance(schedule, dict) or set(schedule) - {f.name for f in fields(Schedule)}:
+            raise ConfigError(f"{where}.schedule must be a mapping with name/power/min_lr/warmup_iters/warmup_ratio")
         values["schedule"] = schedule
         recipe = _typed(cls, values, where)
         recipe._check(where)
@@ -89,8 +94,16 @@ class Recipe:
                 raise ConfigError(f"{where}.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr must be a positive number, got {self.lr!r}")
-        if self.crop_size is not None and self.crop_size < 8:
-            raise ConfigError(f"{where}.crop_size must be null or an integer >= 8, got {self.crop_size!r}")
+        crop = (self.crop_size,) if isinstance(self.crop_size, int) else self.crop_size or ()
+        if any(side < 8 for side in crop):
+            raise ConfigError(f"{where}.crop_size must be null, an integer >= 8 or [height, width], got "
+                              f"{self.crop_size!r}")
+        ratios = self.resize_ratio if isinstance(self.resize_ratio, tuple) else (self.resize_ratio,)
+        if any(r <= 0 for r in ratios) or ratios != tuple(sorted(ratios)):
+            raise ConfigError(f"{where}.resize_ratio must be a positive number or [low, high] with low <= high, got "
+                              f"{list(ratios) if len(ratios) > 1 else ratios[0]!r}")
+        if self.schedule.warmup_iters < 0 or not 0 < self.schedule.warmup_ratio <= 1:
+            raise ConfigError(f"{where}.schedule: warmup_iters must be >= 0 and warmup_ratio in (0, 1]")
 
 
 RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))

@@ -96,23 +96,47 @@ def deterministic(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2:]
 
 
-def build_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def param_groups(recipe: Recipe, named_params) -> list[dict]:
+    """The optimizer's parameter groups: one, or with `param_groups` one per (lr_mult, decay_mult), each parameter
+    taking the multipliers of the longest key contained in its name (mmcv's DefaultOptimizerConstructor)."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    if not recipe.param_groups:
+        return [{"params": [p for _, p in named], "lr": recipe.lr, "weight_decay": recipe.weight_decay}]
+    keys = sorted(sorted(recipe.param_groups), key=len, reverse=True)
+    unused = [k for k in keys if not any(k in n for n, _ in named)]
+    if unused:
+        raise TrainingError(f"recipe param_groups: {', '.join(repr(k) for k in unused)} matches no trainable parameter "
+                            f"name (e.g. {named[0][0]!r}); fix the key or remove it")
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in named:
+        mult = next((recipe.param_groups[k] for k in keys if k in name), {})
+        groups.setdefault((mult.get("lr_mult", 1.0), mult.get("decay_mult", 1.0)), []).append(param)
+    return [{"params": ps, "lr": recipe.lr * lr_mult, "weight_decay": recipe.weight_decay * decay_mult}
+            for (lr_mult, decay_mult), ps in groups.items()]
+
+
+def build_optimizer(recipe: Recipe, named_params) -> torch.optim.Optimizer:
+    groups = param_groups(recipe, named_params)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.Adam(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """mmseg poly: lr = (base - min_lr) * (1 - it/total)^power + min_lr, stepped per iteration."""
+    """mmseg poly: lr = (base - min_lr) * (1 - it/total)^power + min_lr, stepped per iteration, times mmcv's linear
+    warm-up factor 1 - (1 - it/warmup_iters) * (1 - warmup_ratio) during the first `warmup_iters`. One factor for
+    every group (a group's lr_mult scales its base, and its min_lr, as mmcv's PolyLrUpdaterHook does not: the
+    difference is lr_mult x min_lr at the very end)."""
     schedule, total, base = recipe.schedule, recipe.iterations, recipe.lr
 
     def factor(it: int) -> float:
-        if schedule.name == "constant":
-            return 1.0
-        return ((base - schedule.min_lr) * (1 - min(it, total) / total) ** schedule.power + schedule.min_lr) / base
+        value = 1.0 if schedule.name == "constant" else \
+            ((base - schedule.min_lr) * (1 - min(it, total) / total) ** schedule.power + schedule.min_lr) / base
+        if it < schedule.warmup_iters:
+            value *= 1 - (1 - it / schedule.warmup_iters) * (1 - schedule.warmup_ratio)
+        return value
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -216,7 +240,8 @@ def train_phase(model: UHRMethod, phase, recipe: Recipe, samples: SeededSamples,
         p.requires_grad_(id(p) in trainable)
     # wrapped per phase: DDP must be built after the phase decides which parameters train
     step_module = distributed.training_module(model, ctx, getattr(model, "ddp_find_unused_parameters", False))
-    optimizer = build_optimizer(recipe, model.phase_parameters(phase))
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(recipe, ((names[id(p)], p) for p in model.phase_parameters(phase)))
     scheduler = build_scheduler(recipe, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.amp == "fp16" and ctx.device.type == "cuda")
     if resume is not None:

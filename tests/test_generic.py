@@ -127,3 +127,19 @@ def test_smp_networks_pad_and_crop_rather_than_stretch(run, divisor):
     with torch.inference_mode():
         expected = model.network(padded)[..., :70, :90]
         assert torch.allclose(model.predict(image), expected, atol=1e-5)
+
+
+def test_segformer_paper_recipe_sets_mmsegs_per_parameter_lr_and_decay():
+    """mmseg's paramwise_cfg on our module names: the head at 10x lr, every LayerNorm without weight decay."""
+    from pipelines.train import param_groups
+
+    recipe = load_config(None, ["profile=paper"]).recipe("segformer-global", "cityscapes")
+    model = build_method("segformer-global", 19)
+    settings = {id(p): (g["lr"], g["weight_decay"]) for g in param_groups(recipe, model.named_parameters())
+                for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert settings[id(named["decode_head.conv_seg.weight"])] == (pytest.approx(6e-4), 0.01)
+    assert settings[id(named["decode_head.fusion_conv.bn.weight"])] == (pytest.approx(6e-4), 0.01)
+    norms = [n for n in named if n.startswith("backbone.") and "norm" in n]
+    assert len(norms) > 20 and all(settings[id(named[n])] == (pytest.approx(6e-5), 0.0) for n in norms)
+    assert settings[id(named["backbone.block1.0.attn.q.weight"])] == (pytest.approx(6e-5), 0.01)

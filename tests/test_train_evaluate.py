@@ -9,7 +9,7 @@ from conftest import tiny_params
 from pipelines.config import ConfigError, load_config
 from pipelines.evaluate import evaluate
 from pipelines.schema import Recipe
-from pipelines.train import build_scheduler, train
+from pipelines.train import TrainingError, build_optimizer, build_scheduler, train
 
 
 def test_poly_schedule_matches_mmseg_formula():
@@ -22,6 +22,52 @@ def test_poly_schedule_matches_mmseg_formula():
         scheduler.step()
     expected = (0.01 - 1e-4) * (1 - 50 / 100) ** 0.9 + 1e-4
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_linear_warmup_matches_mmcv_and_param_groups_scale_lr_and_decay():
+    """mmseg Segformer: AdamW 6e-5, warm-up 1500 its from ratio 1e-6, head lr x10, norms without weight decay."""
+    recipe = Recipe.from_dict({"iterations": 160000, "batch_size": 1, "lr": 6e-5, "optimizer": "adamw",
+                               "weight_decay": 0.01,
+                               "schedule": {"name": "poly", "power": 1.0, "min_lr": 0.0, "warmup_iters": 1500,
+                                            "warmup_ratio": 1e-6},
+                               "param_groups": {"head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0},
+                                                "head.norm": {"lr_mult": 2.0}}}, "r")
+    model = torch.nn.ModuleDict({"backbone": torch.nn.ModuleDict({"conv": torch.nn.Conv2d(1, 1, 1),
+                                                                  "norm1": torch.nn.LayerNorm(1)}),
+                                 "decode_head": torch.nn.ModuleDict({"conv": torch.nn.Conv2d(1, 1, 1),
+                                                                     "norm": torch.nn.LayerNorm(1)})})
+    optimizer = build_optimizer(recipe, model.named_parameters())
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    settings = {n: (group_of[id(p)]["lr"], group_of[id(p)]["weight_decay"]) for n, p in model.named_parameters()}
+    assert settings["backbone.conv.weight"] == (pytest.approx(6e-5), 0.01)
+    assert settings["backbone.norm1.weight"] == (pytest.approx(6e-5), 0.0)
+    assert settings["decode_head.conv.weight"] == (pytest.approx(6e-4), 0.01)  # "head" in the name
+    assert settings["decode_head.norm.bias"] == (pytest.approx(1.2e-4), 0.01)  # the longest key wins
+    scheduler = build_scheduler(recipe, optimizer)
+    lrs = {}
+    for it in range(1501):
+        lrs[it] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+    regular = lambda it: 6e-5 * (1 - it / 160000)  # noqa: E731
+    assert lrs[0] == pytest.approx(regular(0) * 1e-6)
+    assert lrs[750] == pytest.approx(regular(750) * (1 - 0.5 * (1 - 1e-6)))
+    assert lrs[1500] == pytest.approx(regular(1500))
+    with pytest.raises(TrainingError, match="param_groups: 'pos_block' matches no trainable parameter"):
+        build_optimizer(Recipe.from_dict({"iterations": 1, "batch_size": 1, "lr": 1.0,
+                                          "param_groups": {"pos_block": {"decay_mult": 0.0}}}, "r"),
+                        model.named_parameters())
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"resize_ratio": [2.0, 0.5]}, "resize_ratio must be a positive number or \\[low, high\\]"),
+    ({"crop_size": [512, 4]}, "crop_size must be null, an integer >= 8 or \\[height, width\\]"),
+    ({"schedule": {"warmup_iters": 10, "warmup_ratio": 0}}, "warmup_ratio in \\(0, 1\\]"),
+    ({"param_groups": {"head": {"lr_multiplier": 10}}}, "param_groups"),
+])
+def test_bad_recipe_fields_get_one_line(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        Recipe.from_dict({"iterations": 1, "batch_size": 1, "lr": 0.1, **fields}, "methods.m.recipes.paper")
 
 
 def test_short_training_run_loss_falls_and_is_tracked(tmp_path, tiny_synthetic, mlflow_store):
@@ -213,3 +259,25 @@ def test_evaluate_scores_an_official_checkpoint_with_the_dataset_conventions(tmp
     out = CliRunner().invoke(cli, ["evaluate", "--dataset", "synthetic", "--method", "isdnet", "--params", str(params),
                                    "--official", str(tmp_path / "missing.pth")])
     assert out.exit_code != 0 and "no official checkpoint at" in out.output and "Traceback" not in out.output
+
+
+def test_random_rescale_then_non_square_crop_as_mmseg_cityscapes():
+    """Resize(ratio_range=(0.5, 2.0)) then RandomCrop(512 x 1024), on a 64 x 128 stand-in: a ratio per sample,
+    labels resized by nearest (no new class ids), the crop padded with ignore where the image came out smaller."""
+    from datasets.transforms import training_transform
+
+    transform = training_transform((32, 64), resize_ratio=(0.5, 2.0), hflip=False)
+    image = torch.randint(0, 256, (3, 64, 128), dtype=torch.uint8)
+    label = torch.randint(0, 3, (64, 128))
+    sizes, padded = set(), 0
+    torch.manual_seed(0)
+    for _ in range(40):
+        out_image, out_label = transform(image, label)
+        assert out_image.shape == (3, 32, 64) and out_label.shape == (32, 64)
+        assert set(out_label.unique().tolist()) <= {0, 1, 2, 255}
+        padded += int((out_label == 255).any())
+    for _ in range(40):
+        scaled, _ = training_transform(None, resize_ratio=(0.5, 2.0), hflip=False)(image, label)
+        assert 32 <= scaled.shape[1] <= 128 and abs(scaled.shape[2] - 2 * scaled.shape[1]) <= 1
+        sizes.add(scaled.shape[1])
+    assert len(sizes) > 20 and padded == 0  # ratio >= 0.5: the 32 x 64 crop always fits

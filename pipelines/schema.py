@@ -61,6 +61,7 @@ class Recipe:
     photometric: bool = False
     cat_max_ratio: float | None = None
     amp: Literal["fp16", "bf16"] | None = None  # autocast; on CPU bf16 only
+    amp_modules: list[str] | None = None  # autocast only inside these submodules (None: the whole forward)
     channels_last: bool = False  # NHWC memory format (oneDNN on CPU, cuDNN on CUDA: same math, faster kernels)
     checkpoint_every: int = 0  # 0: only at the end
     log_every: int = 10

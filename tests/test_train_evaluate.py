@@ -168,6 +168,38 @@ def test_recipe_amp_on_cpu_runs_bf16_and_refuses_fp16(tmp_path, tiny_synthetic, 
     assert model.decode_head.classifier.weight.dtype == torch.float32  # autocast: weights stay fp32
 
 
+def test_amp_modules_autocast_only_the_named_parts(tmp_path, tiny_synthetic):
+    """`amp_modules`: bf16 inside the listed submodules, fp32 elsewhere and on their outputs; restored after the
+    phase; a name that is not a submodule is one line before any work."""
+    from datasets import PreparedDataset
+    from datasets.transforms import training_transform
+    from methods import build_method
+    from pipelines.distributed import DistContext
+    from pipelines.train import Position, SeededSamples, train_phase
+
+    params = tiny_params(tmp_path, tiny_synthetic, iterations=1)
+    config = load_config(params, ["methods.local.recipes.smoke.amp=bf16",
+                                  "methods.local.recipes.smoke.amp_modules=[decode_head]"])
+    recipe = config.recipe("local", "synthetic")
+    model = build_method("local", 7, **config.method_model("local", "synthetic"))
+    seen = {}
+    for name in ("decode_head", "decode_head.classifier", "backbone.layer1"):
+        model.get_submodule(name).register_forward_hook(  # (input dtype, output dtypes)
+            lambda module, args, out, name=name: seen.setdefault(
+                name, (args[0].dtype, tuple(t.dtype for t in out) if isinstance(out, tuple) else out.dtype)) and None)
+    samples = SeededSamples(PreparedDataset(tiny_synthetic / "synthetic", "train",
+                                            transform=training_transform(64, hflip=False)), seed=0)
+    train_phase(model, model.phases[0], recipe, samples, DistContext(), Position())
+    assert seen["decode_head.classifier"] == (torch.bfloat16, torch.bfloat16)  # inside: bf16
+    assert seen["decode_head"] == (torch.float32, (torch.float32, torch.float32))  # handed on in fp32
+    assert seen["backbone.layer1"] == (torch.float32, torch.float32)
+    assert "forward" not in vars(model.decode_head)  # the class's forward again
+    bad = load_config(params, ["methods.local.recipes.smoke.amp=bf16",
+                               "methods.local.recipes.smoke.amp_modules=[nope]"])
+    with pytest.raises(ConfigError, match="amp_modules: 'nope' is not a submodule of local"):
+        train(bad, "synthetic", "local")
+
+
 def test_accumulated_step_equals_one_big_batch(tmp_path, tiny_synthetic):
     """One step over a batch of 2 == one step over 2 accumulated micro-batches of 1 (with the
     batch-dependent layers, BN and dropout, taken out so the two are comparable)."""

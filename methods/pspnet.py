@@ -65,7 +65,8 @@ class PSPHead(nn.Module):
 @register_method
 class PSPNet(GenericSegmenter):
     name = "pspnet"
-    description = "PSPNet (ResNet-18-D8, mmseg 0.30 config), generic baseline: variants pspnet-global and pspnet-local"
+    description = ("PSPNet (ResNet-18-D8, mmseg 0.30 config), generic baseline: variants pspnet-global, -local, -half, "
+                   "-quarter (1/2, 1/4 scale) and -isd (deep branch of ISDNet's framework, reconstructed)")
     variants = (*GenericSegmenter.variants, *SCALE_VARIANTS, ISD_VARIANT)
     published = {"PSPNet": {"variant": "global"}, "PSPNet [local]": {"variant": "local"},
                  "PSPNet [global]": {"variant": "global"}, "PSPNet (1/2 scale)": {"variant": "half"},

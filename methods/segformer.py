@@ -162,7 +162,8 @@ class SegformerHead(nn.Module):
 @register_method
 class Segformer(GenericSegmenter):
     name = "segformer"
-    description = "Segformer-b0 (mmseg 0.30 config), generic baseline: variants segformer-global and segformer-local"
+    description = ("Segformer-b0 (mmseg 0.30 config), generic baseline: variants segformer-global, -local, -half, "
+                   "-quarter (1/2, 1/4 scale) and -isd (deep branch of ISDNet's framework, reconstructed)")
     variants = (*GenericSegmenter.variants, *SCALE_VARIANTS, ISD_VARIANT)
     published = {"Segformer-b0": {"variant": "global"}, "Segformer-b0 (1/2 scale)": {"variant": "half"},
                  "Segformer-b0 (1/4 scale)": {"variant": "quarter"}, "Segformer-b0 + ISD": {"variant": "isd"}}

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,30 @@ def autocast_modules(model: torch.nn.Module, names: Sequence[str], device: torch
             del module.forward  # the class's own forward again
 
 
+def present_modules(model: UHRMethod, method: str, num_classes: int, names: Sequence[str]) -> list[str]:
+    """The `amp_modules` this model has. A name the method's default configuration has but this one does not (an
+    ablation row without ISDNet's SR decoder) is skipped; a name neither has is one line (a typo)."""
+    own = dict(model.named_modules())
+    missing = [n for n in names if n not in own]
+    if missing:
+        with torch.device("meta"):
+            default = dict(build_method(method, num_classes).named_modules())
+        unknown = [n for n in missing if n not in default]
+        if unknown:
+            raise ConfigError(f"recipe amp_modules: '{unknown[0]}' is not a submodule of {method} (e.g. "
+                              f"{', '.join(n for n, _ in list(model.named_children())[:3])})")
+    return [n for n in names if n in own]
+
+
+def scoped_amp(recipe: Recipe, model: UHRMethod, method: str, num_classes: int) -> Recipe:
+    """The recipe with `amp_modules` narrowed to what this model has; none left: no autocast at all (not the whole
+    model, which `amp` alone would mean)."""
+    if not recipe.amp_modules:
+        return recipe
+    present = present_modules(model, method, num_classes, recipe.amp_modules)
+    return replace(recipe, amp_modules=present) if present else replace(recipe, amp=None, amp_modules=None)
+
+
 def rng_state() -> dict:
     """Every RNG's state in plain types (tensors, numbers, strings), so checkpoints load with weights_only=True."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -378,12 +402,7 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, 
     model = build_method(method, info.num_classes, ignore_index=info.ignore_index, **model_cfg).to(ctx.device)
     phases = model.phases
     recipes = [config.recipe(method, dataset, phase.recipe) for phase in phases]  # all errors before any work
-    for name in (n for r in recipes for n in r.amp_modules or ()):
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ConfigError(f"recipe amp_modules: '{name}' is not a submodule of {method} (e.g. "
-                              f"{', '.join(n for n, _ in list(model.named_children())[:3])})") from None
+    recipes = [scoped_amp(r, model, method, info.num_classes) for r in recipes]
     if any(r.channels_last for r in recipes):
         model = model.to(memory_format=torch.channels_last)
     out_dir = checkpoint_dir(config, dataset, method)

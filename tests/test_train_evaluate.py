@@ -313,3 +313,15 @@ def test_random_rescale_then_non_square_crop_as_mmseg_cityscapes():
         assert 32 <= scaled.shape[1] <= 128 and abs(scaled.shape[2] - 2 * scaled.shape[1]) <= 1
         sizes.add(scaled.shape[1])
     assert len(sizes) > 20 and padded == 0  # ratio >= 0.5: the 32 x 64 crop always fits
+
+
+def test_amp_modules_a_configuration_lacks_mean_no_autocast_there():
+    """ISDNet's smoke recipe autocasts its SR decoder; an ablation row without one trains in fp32, not in bf16."""
+    from methods.isdnet import ISDNet
+    from pipelines.train import scoped_amp
+
+    recipe = Recipe.from_dict({"iterations": 1, "batch_size": 1, "lr": 0.1, "amp": "bf16",
+                               "amp_modules": ["refine_head.sr_decoder"]}, "r")
+    assert scoped_amp(recipe, ISDNet(7), "isdnet", 7) == recipe
+    without_sr = scoped_amp(recipe, ISDNet(7, recon_weight=0.0, fa_weight=0.0), "isdnet", 7)
+    assert without_sr.amp is None and without_sr.amp_modules is None

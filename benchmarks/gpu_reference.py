@@ -16,7 +16,8 @@ protocol.
 
 Writes `<out>/reference.csv` (one row per cell, appended as it goes: a run cut short keeps what it measured) and
 `<out>/README.md` (tables per dataset and the full environment); `--out` defaults to
-`results/reference/<device name>/`.
+`results/reference/<device name>/`. `--resume` keeps the measured rows of an existing `<out>/reference.csv` and runs
+only the cells it lacks (each row names the commit that measured it).
 
     python benchmarks/gpu_reference.py                      # on a CUDA machine; prints the plan and estimate first
     python benchmarks/gpu_reference.py --device cpu --shrink 0.05 --methods global,rue --precisions fp32
@@ -48,9 +49,9 @@ DATASETS = ("deepglobe", "inria", "cityscapes", "urur")
 SCALES = (1.0, 0.8)
 PRECISIONS = ("fp32", "fp16")
 PROTOCOL_WARMUP, MIN_TIMED, MAX_TIMED = 20, 3, 300
-COLUMNS = ["method", "dataset", "scale", "height", "width", "precision", "status", "params", "warmup_iterations",
-           "timed_iterations", "latency_ms_median", "device_latency_ms_median", "latency_ms_p90", "fps",
-           "torch_max_allocated_mib", "torch_max_reserved_mib", "nvml_process_peak_mib", "build_s", "cell_s",
+COLUMNS = ["commit", "method", "dataset", "scale", "height", "width", "precision", "status", "params",
+           "warmup_iterations", "timed_iterations", "latency_ms_median", "device_latency_ms_median", "latency_ms_p90",
+           "fps", "torch_max_allocated_mib", "torch_max_reserved_mib", "nvml_process_peak_mib", "build_s", "cell_s",
            "error"]
 
 
@@ -105,8 +106,8 @@ def build_on(device: torch.device, method: str, info, model_cfg: dict):
 
 def run_cell(model, cell: Cell, size: tuple[int, int], device: torch.device, share_s: float, seed: int) -> dict:
     amp = None if cell.precision == "fp32" else cell.precision
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (1, 3, *size), generator=gen, dtype=torch.uint8).to(device)
+    gen = torch.Generator(device).manual_seed(seed)  # drawn on the device: 79 M values take ~0.5 s on a CPU
+    x = torch.randint(0, 256, (1, 3, *size), generator=gen, dtype=torch.uint8, device=device)
     try:
         with torch.inference_mode():
             fn = predictor(model, device, amp)
@@ -185,6 +186,18 @@ def markdown(rows: list[dict], env: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def previous_rows(path: Path) -> list[dict]:
+    """The measured (ok or OOM) rows of an earlier run's CSV; errors are measured again."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"method", "dataset", "scale", "precision", "status"} <= set(rows[0]):
+        sys.exit(f"gpu_reference: {path} is not a reference.csv (columns {', '.join(rows[0])}); "
+                 "move it away or run without --resume")
+    return [r for r in rows if r["status"] in ("ok", "OOM")]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="all", help="comma-separated run names (default: every one)")
@@ -198,6 +211,7 @@ def parse_args(argv=None):
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default=None, help="default results/reference/<device name>/")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep the ok/OOM rows of <out>/reference.csv")
     args = parser.parse_args(argv)
     names = run_names()
     args.methods = names if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -227,33 +241,44 @@ def main(argv=None) -> int:
         config = load_config(args.params, ["profile=paper"])
     except ConfigError as exc:
         sys.exit(f"gpu_reference: {exc}")
-    cells = plan(args.methods, args.datasets, args.scales, args.precisions)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else tracking.environment_info(device)[
         "device_name"]
     out = Path(args.out) if args.out else Path("results/reference") / slug(name)
     out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "reference.csv"
+    kept = previous_rows(csv_path) if args.resume else []
+    done = {(r["method"], r["dataset"], float(r["scale"]), r["precision"]) for r in kept}
+    cells = [c for c in plan(args.methods, args.datasets, args.scales, args.precisions)
+             if (c.method, c.dataset, c.scale, c.precision) not in done]
+    if not cells:
+        print(f"gpu_reference: every cell is already in {csv_path}")
+        return 0
     commit = tracking.environment_info(device)["git_commit"]
     if commit == "unknown":
         commit = os.environ.get("UHRBENCH_COMMIT", "unknown")  # a copy without .git names its commit this way
     env = environment(device, args, commit)
-    share = args.budget_s / len(cells)
-    print(f"gpu_reference: {len(cells)} cells ({len(args.methods)} runs x {len(args.datasets)} datasets x "
-          f"{len(args.scales)} scales x {len(args.precisions)} precisions) on {name}; {args.budget_s:.0f} s of timing "
-          f"= {share:.2f} s per cell, plus ~{len(args.methods) * len(args.datasets)} model builds "
-          f"(~0.5-2 s each): estimate {(args.budget_s + 1.2 * len(args.methods) * len(args.datasets)) / 60:.1f} min. "
-          f"Writing {out}/", flush=True)
+    if kept:
+        env["resumed"] = (f"{len(kept)} rows kept from an earlier run of {csv_path.name} (their commit column says "
+                          f"which); this run measured the other {len(cells)}")
+    share, builds = args.budget_s / len(cells), len({(c.method, c.dataset) for c in cells})
+    # overheads seen on an H200: ~0.3 s per model build (initialised on the device), ~0.1 s per cell besides its calls
+    estimate = args.budget_s + 0.3 * builds + 0.1 * len(cells)
+    print(f"gpu_reference: {len(cells)} cells to run (of {len(args.methods)} runs x {len(args.datasets)} datasets x "
+          f"{len(args.scales)} scales x {len(args.precisions)} precisions) on {name}: {args.budget_s:.0f} s of "
+          f"timing = {share:.2f} s per cell, {builds} model builds; estimate {estimate / 60:.1f} min on a GPU "
+          f"(a CPU builds and draws inputs slower). Writing {out}/", flush=True)
     started = time.perf_counter()
-    rows: list[dict] = []
-    csv_path = out / "reference.csv"
+    rows: list[dict] = list(kept)
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore", restval="")
         writer.writeheader()
+        writer.writerows(kept)
         model = key = None
         build_s = params = 0.0
         for i, cell in enumerate(tqdm(cells, desc="reference", unit="cell", mininterval=5)):
             size = scaled(native_size(cell.dataset, args.shrink), cell.scale)
-            row = {"method": cell.method, "dataset": cell.dataset, "scale": cell.scale, "height": size[0],
-                   "width": size[1], "precision": cell.precision}
+            row = {"commit": commit, "method": cell.method, "dataset": cell.dataset, "scale": cell.scale,
+                   "height": size[0], "width": size[1], "precision": cell.precision}
             t0 = time.perf_counter()
             try:
                 if key != (cell.method, cell.dataset):
@@ -279,6 +304,8 @@ def main(argv=None) -> int:
             rows.append(row)
             writer.writerow(row)
             handle.flush()
+    order = {(m, d): i for i, (m, d) in enumerate((m, d) for m in args.methods for d in args.datasets)}
+    rows.sort(key=lambda r: order.get((r["method"], r["dataset"]), len(order)))
     (out / "README.md").write_text(markdown(rows, {**env, "wall_s": f"{time.perf_counter() - started:.0f}"}, args))
     failed = [r for r in rows if r["status"] not in ("ok", "OOM")]
     print(f"gpu_reference: {len(rows) - len(failed)}/{len(rows)} cells measured in "

@@ -171,9 +171,13 @@ def test_pil_bilinear_resize_random_sizes_and_dtypes():
 
 @pytest.mark.gpu
 def test_pil_bilinear_resize_on_cuda():
+    # the same integers on any device, in both pass orders (Pillow parity itself is the CPU tests' job: they need
+    # the pinned Pillow 13, and a GPU machine's own Pillow may be older)
     images = torch.randint(0, 256, (2, 3, 611, 517), generator=torch.Generator().manual_seed(0)).float()
     for size in ((508, 508), (97, 301)):
-        assert torch.equal(pil_bilinear_resize(images.cuda(), size).cpu(), pillow_resize(images, size))
+        for vertical_first in (True, False):
+            on_cuda = pil_bilinear_resize(images.cuda(), size, vertical_first).cpu()
+            assert torch.equal(on_cuda, pil_bilinear_resize(images, size, vertical_first)), (size, vertical_first)
 
 
 def test_global_view_is_pillow_resize_by_default():

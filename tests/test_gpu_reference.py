@@ -83,3 +83,25 @@ def test_bad_arguments_are_one_line(argv, expected, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_resume_keeps_measured_rows_and_runs_only_the_missing_cells(tmp_path, monkeypatch):
+    common = ["--device", "cpu", "--shrink", "0.05", "--methods", "global", "--datasets", "cityscapes",
+              "--precisions", "fp32", "--budget-s", "0.5", "--out", str(tmp_path)]
+    assert R.main(common + ["--scales", "1"]) == 0
+    first = read_rows(tmp_path / "reference.csv")
+    monkeypatch.setattr(R.tracking, "git_commit", lambda: "second")
+    assert R.main(common + ["--scales", "1,0.8", "--resume"]) == 0
+    rows = read_rows(tmp_path / "reference.csv")
+    assert [(r["scale"], r["commit"]) for r in rows] == [("1.0", first[0]["commit"]), ("0.8", "second")]
+    assert rows[0] == first[0]  # the earlier measurement is kept as it was
+    assert "| resumed | 1 rows kept" in (tmp_path / "README.md").read_text()
+    assert R.main(common + ["--scales", "1,0.8", "--resume"]) == 0  # nothing left to run: nothing rewritten
+    assert read_rows(tmp_path / "reference.csv") == rows
+
+
+def test_resume_from_a_file_that_is_not_a_reference_csv_is_one_line(tmp_path):
+    (tmp_path / "reference.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit) as exc:
+        R.main(["--device", "cpu", "--methods", "global", "--out", str(tmp_path), "--resume"])
+    assert "reference.csv is not a reference.csv" in str(exc.value) and "--resume" in str(exc.value)

@@ -42,6 +42,7 @@ class MeasureSettings:
     """The `measure:` block of params.yaml, resolved for one device (CLI flags replace fields)."""
 
     warmup: int = 2
+    warmup_seconds: float = 0.0  # ...and keep warming up until this long has passed
     iterations: int = 5
     min_seconds: float = 0.0
     source: str = "real"  # real: test-split images; dummy: random uint8-range tensor
@@ -60,6 +61,7 @@ class MeasureSettings:
 
     def check(self) -> MeasureSettings:
         rules = {"warmup": (isinstance(self.warmup, int) and self.warmup >= 0, "an integer >= 0"),
+                 "warmup_seconds": (float(self.warmup_seconds) >= 0, ">= 0"),
                  "iterations": (isinstance(self.iterations, int) and self.iterations >= 1, "an integer >= 1"),
                  "source": (self.source in ("real", "dummy"), "real or dummy"),
                  "scale": (0 < float(self.scale) <= 4, "in (0, 4]"),
@@ -72,7 +74,7 @@ class MeasureSettings:
 
 
 def settings_from_config(config: Config, device: torch.device) -> MeasureSettings:
-    """`warmup`, `iterations`, `min_seconds` may be per device type ({cpu: 2, cuda: 50})."""
+    """`warmup`, `warmup_seconds`, `iterations`, `min_seconds` may be per device type ({cpu: 2, cuda: 50})."""
     raw = config.section("measure")
     known = {f for f in MeasureSettings.__dataclass_fields__} | {"device"}
     unknown = sorted(set(raw) - known)
@@ -115,12 +117,16 @@ def summarize(seconds: list[float], prefix: str = "latency_ms") -> dict:
 
 
 def time_calls(fn, inputs: list[torch.Tensor], device: torch.device, warmup: int, iterations: int,
-               min_seconds: float = 0.0) -> dict:
-    """Run `fn(x)` warm-up times (discarded), then at least `iterations` times and `min_seconds`.
-    Returns {"wall": [s, ...], "device": [s, ...] (CUDA events; empty on CPU)}."""
+               min_seconds: float = 0.0, warmup_seconds: float = 0.0) -> dict:
+    """Run `fn(x)` at least `warmup` times and `warmup_seconds` (discarded), then at least `iterations` times and
+    `min_seconds`. Returns {"wall": [s, ...], "device": [s, ...] (CUDA events; empty on CPU), "warmup": calls}."""
     cuda = device.type == "cuda"
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
+    warm, start_warm = 0, time.perf_counter()
+    while warm < warmup or time.perf_counter() - start_warm < warmup_seconds:
+        fn(inputs[warm % len(inputs)])
+        warm += 1
+        if cuda and warmup_seconds and warm >= warmup:
+            torch.cuda.synchronize(device)  # the clock must see the device's time, not the launch queue's
     if cuda:
         torch.cuda.synchronize(device)
     wall: list[float] = []
@@ -144,7 +150,7 @@ def time_calls(fn, inputs: list[torch.Tensor], device: torch.device, warmup: int
             fn(x)
             wall.append(time.perf_counter() - t0)
         i += 1
-    return {"wall": wall, "device": [b.elapsed_time(e) / 1e3 for b, e in events]}
+    return {"wall": wall, "device": [b.elapsed_time(e) / 1e3 for b, e in events], "warmup": warm}
 
 
 def _nvml_handle(device: torch.device):
@@ -331,14 +337,15 @@ def measure_model(model: torch.nn.Module, inputs: list[torch.Tensor], device: to
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             with MemoryPoller(device, settings.poll_interval_ms / 1e3) as poller:
-                times = time_calls(fn, inputs, device, settings.warmup, settings.iterations, settings.min_seconds)
+                times = time_calls(fn, inputs, device, settings.warmup, settings.iterations, settings.min_seconds,
+                                   settings.warmup_seconds)
     except Exception as exc:  # noqa: BLE001
         if not is_oom(exc):
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return {"status": "OOM", "error": str(exc).splitlines()[0][:300] if str(exc) else exc.__class__.__name__}
-    out = {"status": "ok", "warmup_iterations": settings.warmup, **summarize(times["wall"])}
+    out = {"status": "ok", "warmup_iterations": times["warmup"], **summarize(times["wall"])}
     if times["device"]:
         out.update(summarize(times["device"], "device_latency_ms"))
     out.update(poller.result())

@@ -178,6 +178,7 @@ class MeasureBlock(_Block):
 
     device: str = "auto"
     warmup: _per_device(NonNegativeInt) = 2
+    warmup_seconds: _per_device(NonNegativeFloat) = 0.0
     iterations: _per_device(PositiveInt) = 5
     min_seconds: _per_device(float) = 0.0
     source: Literal["real", "dummy"] = "real"

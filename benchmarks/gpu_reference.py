@@ -160,7 +160,9 @@ def markdown(rows: list[dict], env: dict, args) -> str:
              "written by `python benchmarks/gpu_reference.py`. FPS = 1 / median "
              "wall latency of `model.predict` (CUDA-synchronised); memory = torch's peak allocated MiB during the "
              "timed calls. Iteration counts per cell are in `reference.csv` (a time budget shares them out; the "
-             "protocol's 20 warm-up / 200 timed iterations are what `bench.py measure` runs for one cell).", ""]
+             "protocol's 20 warm-up / 200 timed iterations are what `bench.py measure` runs for one cell). A cell "
+             "with few timed calls (\"Rows by run\") is an estimate: a model of a few milliseconds moves by tens of "
+             "percent between machines of one kind; a slow one, whose few calls take seconds, much less.", ""]
     for dataset in args.datasets:
         subset = [r for r in rows if r["dataset"] == dataset]
         if not subset:
@@ -183,7 +185,16 @@ def markdown(rows: list[dict], env: dict, args) -> str:
             params = fmt(int(first["params"]) / 1e6, "{:.2f}") if first.get("params") not in (None, "") else "-"
             lines.append("| " + " | ".join([method, params] + fps + mem) + " |")
         lines.append("")
-    lines += ["## Environment", "", "| key | value |", "|---|---|"]
+    lines += ["## Rows by run", "", "| commit | cells | timed calls per cell (median, min-max) | warm-up calls "
+              "(median) |", "|---|---|---|---|"]
+    for commit in dict.fromkeys(r.get("commit", "") for r in rows):
+        mine = [r for r in rows if r.get("commit", "") == commit and r["status"] == "ok"]
+        timed = sorted(int(r["timed_iterations"]) for r in mine)
+        warm = sorted(int(r["warmup_iterations"]) for r in mine)
+        if timed:
+            lines.append(f"| {commit or 'unknown'} | {len(mine)} | {timed[len(timed) // 2]} ({timed[0]}-{timed[-1]}) "
+                         f"| {warm[len(warm) // 2]} |")
+    lines += ["", "## Environment (of the run that wrote this file)", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     return "\n".join(lines) + "\n"
 
@@ -255,9 +266,8 @@ def main(argv=None) -> int:
     if not cells:
         print(f"gpu_reference: every cell is already in {csv_path}")
         return 0
-    commit = tracking.environment_info(device)["git_commit"]
-    if commit == "unknown":
-        commit = os.environ.get("UHRBENCH_COMMIT", "unknown")  # a copy without .git names its commit this way
+    # a copy of the working tree (a GPU machine's) names its commit this way: its .git may be absent or stale
+    commit = os.environ.get("UHRBENCH_COMMIT") or tracking.environment_info(device)["git_commit"]
     env = environment(device, args, commit)
     if kept:
         env["resumed"] = (f"{len(kept)} rows kept from an earlier run of {csv_path.name} (their commit column says "

@@ -36,8 +36,8 @@ def test_iterations_fill_the_share(share, probe, expected):
 
 
 def test_runs_every_cell_on_cpu_and_writes_csv_and_markdown(tmp_path, monkeypatch):
-    # a copy without .git (the GPU machine gets the working tree only) names its commit through the environment
-    monkeypatch.setattr(R.tracking, "git_commit", lambda: "unknown")
+    # a copy of the working tree (a GPU machine's, whose .git may be stale) names its commit through the environment
+    monkeypatch.setattr(R.tracking, "git_commit", lambda: "stale-dirty")
     monkeypatch.setenv("UHRBENCH_COMMIT", "abc123")
     out = tmp_path / "ref"
     code = R.main(["--device", "cpu", "--shrink", "0.05", "--methods", "global,rue", "--datasets",
@@ -60,6 +60,7 @@ def test_runs_every_cell_on_cpu_and_writes_csv_and_markdown(tmp_path, monkeypatc
     assert "## deepglobe (native 122x122)" in text and "## cityscapes (native 51x102)" in text
     assert "| global |" in text and "| rue |" in text
     assert "| git_commit | abc123 |" in text and "| device | cpu |" in text and "| torch |" in text
+    assert "| abc123 | 8 | " in text and "stale" not in text  # rows by run: every cell from this one
 
 
 def test_a_failing_cell_is_a_row_and_a_nonzero_exit(tmp_path, capsys):
@@ -90,6 +91,7 @@ def test_resume_keeps_measured_rows_and_runs_only_the_missing_cells(tmp_path, mo
               "--precisions", "fp32", "--budget-s", "0.5", "--out", str(tmp_path)]
     assert R.main(common + ["--scales", "1"]) == 0
     first = read_rows(tmp_path / "reference.csv")
+    monkeypatch.delenv("UHRBENCH_COMMIT", raising=False)
     monkeypatch.setattr(R.tracking, "git_commit", lambda: "second")
     assert R.main(common + ["--scales", "1,0.8", "--resume"]) == 0
     rows = read_rows(tmp_path / "reference.csv")

@@ -153,6 +153,9 @@ class UHRMethod(nn.Module):
     # a `variant` entry in the settings says which variant's run fills it.
     published: ClassVar[dict[str, dict]] = {}
     param_counts: ClassVar[tuple[ParamCount, ...]] = ()  # from the spec, checked by tests/test_contract.py
+    # the state-dict prefix the upstream checkpoint layout holds ("": the whole model; a refiner's file holds the
+    # refiner, not the base method it is composed with)
+    official_scope: ClassVar[str] = ""
     # default input normalisation (mean, std) per RGB channel on the 0-255 scale: x -> (x - mean) / std
     pixel_stats: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]] = (IMAGENET_MEAN, IMAGENET_STD)
 

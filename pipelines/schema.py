@@ -33,9 +33,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Schedule:
-    name: Literal["poly", "constant"] = "poly"
+    name: Literal["poly", "constant", "multistep"] = "poly"
     power: float = 0.9
     min_lr: float = 0.0
+    milestones: tuple[int, ...] = ()  # multistep (torch MultiStepLR): lr x gamma at each of these iterations
+    gamma: float = 0.1
     # mmcv's linear warm-up: the scheduled lr times 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
     warmup_iters: int = 0
     warmup_ratio: float = 1e-6
@@ -83,7 +85,8 @@ class Recipe:
         values = dict(raw)
         schedule = values.get("schedule") or {}
         if not isinstance(schedule, dict) or set(schedule) - {f.name for f in fields(Schedule)}:
-            raise ConfigError(f"{where}.schedule must be a mapping with name/power/min_lr/warmup_iters/warmup_ratio")
+            raise ConfigError(f"{where}.schedule must be a mapping with name/power/min_lr/warmup_iters/warmup_ratio/"
+                              "milestones/gamma")
         values["schedule"] = schedule
         recipe = _typed(cls, values, where)
         recipe._check(where)

@@ -129,12 +129,15 @@ def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.o
     """mmseg poly: lr = (base - min_lr) * (1 - it/total)^power + min_lr, stepped per iteration, times mmcv's linear
     warm-up factor 1 - (1 - it/warmup_iters) * (1 - warmup_ratio) during the first `warmup_iters`. One factor for
     every group (a group's lr_mult scales its base, and its min_lr, as mmcv's PolyLrUpdaterHook does not: the
-    difference is lr_mult x min_lr at the very end)."""
+    difference is lr_mult x min_lr at the very end). `multistep`: torch's MultiStepLR, gamma per milestone passed."""
     schedule, total, base = recipe.schedule, recipe.iterations, recipe.lr
 
     def factor(it: int) -> float:
-        value = 1.0 if schedule.name == "constant" else \
-            ((base - schedule.min_lr) * (1 - min(it, total) / total) ** schedule.power + schedule.min_lr) / base
+        if schedule.name == "multistep":
+            value = schedule.gamma ** sum(it >= m for m in schedule.milestones)
+        else:
+            value = 1.0 if schedule.name == "constant" else \
+                ((base - schedule.min_lr) * (1 - min(it, total) / total) ** schedule.power + schedule.min_lr) / base
         if it < schedule.warmup_iters:
             value *= 1 - (1 - it / schedule.warmup_iters) * (1 - schedule.warmup_ratio)
         return value

@@ -24,6 +24,21 @@ def test_poly_schedule_matches_mmseg_formula():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
+def test_multistep_schedule_matches_torch_multisteplr():
+    """CascadePSP's recipe: x0.1 at 22,500 and 37,500 iterations, stepped per iteration (torch MultiStepLR)."""
+    recipe = Recipe.from_dict({"iterations": 60, "batch_size": 1, "lr": 2.25e-4, "optimizer": "adam",
+                               "schedule": {"name": "multistep", "milestones": [20, 45], "gamma": 0.1}}, "r")
+    ours = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2.25e-4)
+    theirs = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2.25e-4)
+    mine, reference = build_scheduler(recipe, ours), torch.optim.lr_scheduler.MultiStepLR(theirs, [20, 45], 0.1)
+    for _ in range(60):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"])
+        for opt, sched in ((ours, mine), (theirs, reference)):
+            opt.step()
+            sched.step()
+    assert ours.param_groups[0]["lr"] == pytest.approx(2.25e-6)
+
+
 def test_linear_warmup_matches_mmcv_and_param_groups_scale_lr_and_decay():
     """mmseg Segformer: AdamW 6e-5, warm-up 1500 its from ratio 1e-6, head lr x10, norms without weight decay."""
     recipe = Recipe.from_dict({"iterations": 160000, "batch_size": 1, "lr": 6e-5, "optimizer": "adamw",

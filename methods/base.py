@@ -242,11 +242,13 @@ class UHRMethod(nn.Module):
         official code, e.g. for parity checks). Methods with an upstream layout override both."""
         raise MethodError(f"method '{self.name}' has no official checkpoint layout to write ({path})")
 
-    def load_mapped_state(self, state: dict[str, torch.Tensor], path: str, strict: bool = True) -> LoadReport:
+    def load_mapped_state(self, state: dict[str, torch.Tensor], path: str, strict: bool = True,
+                          scope: str = "") -> LoadReport:
         """Load a checkpoint already mapped onto our key names. Every key that cannot be placed is named:
         with `strict` any missing, unexpected or mis-shaped key raises and nothing is loaded; otherwise
-        the matching tensors load and the report lists the rest."""
-        own = self.state_dict()
+        the matching tensors load and the report lists the rest. `scope`: the file holds only the keys under
+        this prefix (one part of the model, e.g. `refiner.`); the rest of the model is left as it is."""
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(scope)}
         report = LoadReport()
         for key, value in state.items():
             if key not in own:
@@ -257,7 +259,8 @@ class UHRMethod(nn.Module):
                 report.loaded.append(key)
         report.missing = sorted(k for k in own if k not in state)
         if strict and not report.clean:
-            raise MethodError(f"{self.name}: {path} does not match the {self.name} checkpoint layout: "
+            part = f" {scope.rstrip('.')}" if scope else ""
+            raise MethodError(f"{self.name}: {path} does not match the {self.name}{part} checkpoint layout: "
                               f"{report.summary()} (use load_official(path, strict=False) to load the rest)")
         self.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
         return report

@@ -424,11 +424,8 @@ class CascadePSP(UHRMethod):
     def load_official(self, path: str, strict: bool = True) -> LoadReport:
         """The released refinement weights (a DataParallel state dict: `module.` + the release's names; the prefix
         is optional) into `refiner`; the base keeps its own weights."""
-        state = {f"refiner.{k}": v for k, v in read_state_dict(path).items()}
-        report = self.load_mapped_state({**{k: v for k, v in self.state_dict().items() if k.startswith("base.")},
-                                         **state}, path, strict)
-        report.loaded = [k for k in report.loaded if k.startswith("refiner.")]
-        return report
+        return self.load_mapped_state({f"refiner.{k}": v for k, v in read_state_dict(path).items()}, path, strict,
+                                      self.official_scope)
 
     def save_official(self, path: str) -> None:
         """`refiner` in the release's layout (`module.`-prefixed keys, as train.py saved it)."""

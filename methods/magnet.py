@@ -484,22 +484,8 @@ class MagNet(UHRMethod):
         if part == BACKBONE:
             skipped = [k for k in state if k.startswith("loss.") or k.startswith("model.loss.")]
             state = {k.replace("model.", ""): v for k, v in state.items() if k not in skipped}
-        module = getattr(self, part)
-        own = module.state_dict()
-        report = LoadReport(skipped=skipped)
-        for key, value in state.items():
-            if key not in own:
-                report.unexpected.append(key)
-            elif own[key].shape != value.shape:
-                report.mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
-            else:
-                report.loaded.append(f"{part}.{key}")
-        report.missing = sorted(k for k in own if k not in state)
-        if strict and not report.clean:
-            raise MethodError(f"magnet: {path} does not match the {part} layout (backbone / num_classes?): "
-                              f"{report.summary(8)}")
-        module.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape},
-                               strict=False)
+        report = self.load_mapped_state({f"{part}.{k}": v for k, v in state.items()}, path, strict, f"{part}.")
+        report.skipped = skipped
         return report
 
     @staticmethod

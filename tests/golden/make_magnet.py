@@ -66,7 +66,12 @@ def import_upstream(upstream: Path) -> None:
     fpn.resnet50 = lambda pretrained=False, **kw: original(False, **kw)
 
 
-def official_probabilities(upstream: Path, weights: Path, image: np.ndarray, work: Path) -> torch.Tensor:
+def official_test(upstream: Path, weights: Path, image: np.ndarray, work: Path, size: int = SIZE,
+                  model: dict = MODEL, flags: dict = FLAGS) -> tuple[types.ModuleType, list[torch.Tensor]]:
+    """Upstream `test.py`, imported, set up to run `main()` on `image` (H x W x 3 uint8 RGB, written to `work` as a PNG
+    with an all-zero label): `sys.argv` holds DeepGlobe's schedule scaled to `size` (scales size/4, size/2, size) with
+    `model`'s crop and input sizes, `flags` and the weight files in `weights`. Returns the module and the list that
+    collects every output of its `F.interpolate`: the last one of a run is the final map resized to the label size."""
     import cv2
 
     import_upstream(upstream)
@@ -75,7 +80,7 @@ def official_probabilities(upstream: Path, weights: Path, image: np.ndarray, wor
     cv2.imwrite(str(work / "img.png"), image[:, :, ::-1])  # RGB -> BGR file; upstream converts back
     cv2.imwrite(str(work / "mask.png"), np.zeros_like(image))
     (work / "list.txt").write_text("img.png\tmask.png\n")
-    calls = []
+    calls: list[torch.Tensor] = []
 
     def interpolate(*args, **kwargs):
         out = torch.nn.functional.interpolate(*args, **kwargs)
@@ -83,16 +88,27 @@ def official_probabilities(upstream: Path, weights: Path, image: np.ndarray, wor
         return out
 
     official.F = types.SimpleNamespace(interpolate=interpolate)
-    scales = ",".join(f"{s}-{s}" for s in (SIZE // 4, SIZE // 2, SIZE))
+    scales = ",".join(f"{s}-{s}" for s in (size // 4, size // 2, size))
     sys.argv = ["test.py", "--dataset", "deepglobe", "--root", str(work), "--datalist", str(work / "list.txt"),
-                "--scales", scales, "--crop_size", *[str(MODEL["crop_size"])] * 2,
-                "--input_size", *[str(MODEL["input_size"])] * 2, "--num_workers", "0", "--model", "fpn",
+                "--scales", scales, "--crop_size", *[str(model["crop_size"])] * 2,
+                "--input_size", *[str(model["input_size"])] * 2, "--num_workers", "0", "--model", "fpn",
                 "--num_classes", "7", "--pretrained", str(weights / "deepglobe_fpn.pth"),
                 "--pretrained_refinement", str(weights / "deepglobe_refinement.pth"),
-                "--sub_batch_size", "1", "--n_points", str(FLAGS["n_points"]), "--n_patches", str(FLAGS["n_patches"]),
-                "--smooth_kernel", str(FLAGS["smooth_kernel"])]
+                "--sub_batch_size", str(model["sub_batch_size"]), "--n_points", str(flags["n_points"]),
+                "--n_patches", str(flags["n_patches"]), "--smooth_kernel", str(flags["smooth_kernel"])]
+    return official, calls
+
+
+def official_probabilities(upstream: Path, weights: Path, image: np.ndarray, work: Path) -> torch.Tensor:
+    official, calls = official_test(upstream, weights, image, work)
     official.main()
     return calls[-1]  # the final map, resized to the label size (identity)
+
+
+def check_blobs(upstream: Path) -> None:
+    for name, expected in BLOBS.items():
+        if blob_id(upstream / name) != expected:
+            raise SystemExit(f"{upstream / name} is not the file at {COMMIT[:7]} (blob {expected})")
 
 
 def check_loaded(upstream: Path, weights: Path, ours) -> None:
@@ -114,9 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--upstream", required=True, type=Path, help="MagNet checkout at 7f5b876")
     args = parser.parse_args()
-    for name, expected in BLOBS.items():
-        if blob_id(args.upstream / name) != expected:
-            raise SystemExit(f"{args.upstream / name} is not the file at {COMMIT[:7]} (blob {expected})")
+    check_blobs(args.upstream)
     torch.set_num_threads(2)
     model = seed_weights(build_method("magnet", 7, **MODEL), WEIGHT_SEED).eval()
     image = seeded_image(IMAGE_SEED, SIZE, SIZE)

@@ -63,12 +63,12 @@ def run_settings(run, method: str) -> Settings:
     values = []
     for knob in knobs_of(method):
         value = None
-        for part in variant.split("_"):
-            if part.startswith(knob.name):
-                try:
-                    value = float(part[len(knob.name):])
-                except ValueError:
-                    continue
+        # `variant_label` joins `<name><value>` with "_", and knob names may hold "_" themselves (MagNet's n_points)
+        for match in re.finditer(rf"(?:^|_){re.escape(knob.name)}([-+0-9.eE]+)(?=_|$)", variant):
+            try:
+                value = float(match.group(1))
+            except ValueError:
+                continue
         if value is None:
             logged = run.get(f"params.model.{knob.name}")
             try:

@@ -115,7 +115,9 @@ def test_isdnet_table_published_vs_ours(store):
     assert gl["FPS (ours)"] == "not measured (no measure run)" and gl["FPS Δ (ours − published)"] == ""
     fcn = rows.loc[("Local inference", "FCN-8s")]
     assert fcn["mIoU (ours)"] == fcn["FPS (ours)"] == fcn["memory (MB) (ours)"] == "not measured (no fcn8s-local run)"
-    assert rows.loc[("UHR methods", "MagNet"), "mIoU (ours)"] == "published only"  # no method of ours is MagNet
+    assert rows.loc[("UHR methods", "PPN"), "mIoU (ours)"] == "published only"  # no method of ours is PPN
+    fast = rows.loc[("UHR methods", "MagNet-Fast"), "mIoU (ours)"]  # a knob setting of the magnet run
+    assert fast == "not measured (no magnet patches=3 points=0.9 run)"
     assert (fcn["mIoU (published)"], fcn["FPS (published)"]) == ("62.43", "4.55")  # ISDNet's, not a later copy
     assert rows.loc[("Global inference", "UNet"), "mIoU (published)"] == "50.11"
     # no inria run at all
@@ -304,3 +306,15 @@ def test_scaling_and_k_sweep_data(tmp_path):
         "ours": [(1.0, 40.0, 76.0)]}}, tmp_path / "k.png")
     assert len(curves["deepglobe: rue K sweep"]["published"]) == 2
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_knob_values_are_read_from_variant_tags_even_with_underscores_in_knob_names():
+    from pipelines.config import variant_label
+    from pipelines.published import run_settings
+
+    tag = variant_label({"n_points": 0.9, "n_patches": 3})
+    assert tag == "n_patches3_n_points0.9"
+    assert dict(run_settings({"variant": tag}, "magnet")) == {"n_points": 0.9, "n_patches": 3.0}
+    assert dict(run_settings({"variant": "k0.5"}, "rue")) == {"k": 0.5}
+    # no tag: the logged model config
+    assert dict(run_settings({"variant": "", "params.model.n_points": "0.75"}, "magnet")) == {"n_points": 0.75}

@@ -27,7 +27,15 @@ The uint8 resizes are OpenCV's INTER_LINEAR (methods/blocks/cv2_resize.py; its s
 differ by one grey level on tiles resized by a non-integer factor). `predict` returns log-probabilities (the
 cumulative map is a probability map, §4.1); `probabilities` returns the map itself.
 
-Cityscapes' HRNet-W18-Small-v2 + OCR backbone (§2.2) is not implemented: `backbone="hrnet..."` is refused.
+Cityscapes (§2.2, §4, §7.4): `backbone="hrnet18_ocr"` (upstream's `--model hrnet18+ocr`, also accepted) is
+HRNetV2-W18-Small-v2 with a stride-1 stem and the OCR head (methods/blocks/hrnet.py; align_corners=True throughout; the
+network's output is the logit mix (out + 0.4 aux) / 1.4, training weighs CE(out) + 0.4 CE(aux), §5.1, without
+upstream's Cityscapes class weights). `MagNet.CITYSCAPES` holds the release's test flags as our keywords: native size
+1024x2048, scales 1/8, 1/4, 1/2, 1 (256x128, 512x256, 1024x512, 2048x1024), crop = network input = 128x256 (tiles
+are fed as they are), n_points 32768 (absolute, at any input size), median kernel 5, and `refiners=3`: one refiner
+per refinement stage (the release's `cityscapes_refinement_{512,1024,2048}.pth`; stage s runs refiner
+min(refiners, s) - 1 as upstream's test.py). Each of several refiners is trained on pairs of its own stage's scale
+(upstream does not document how its three were trained, §5.2).
 """
 from __future__ import annotations
 
@@ -44,10 +52,13 @@ from torchvision.ops import roi_align
 from methods.base import Knob, LoadReport, MethodError, ParamCount, Phase, UHRMethod, count_parameters, register_method
 from methods.blocks.cv2_resize import cv2_linear_resize, nearest_resize
 from methods.blocks.fpn import WIDTH, GlobalFPN, fpn_trunk
+from methods.blocks.hrnet import AUX_WEIGHT, HRNetOCR, load_imagenet
 
 BACKBONE, REFINER = "backbone", "refiner"
 FAST_SELECTIONS = ("upstream", "corrected")
 RELEASE_FILES = {BACKBONE: "deepglobe_fpn.pth", REFINER: "deepglobe_refinement.pth"}  # §5.3
+HRNET = "hrnet18_ocr"  # also upstream's spelling "hrnet18+ocr"
+CITYSCAPES_FILES = {BACKBONE: "cityscapes_hrnet.pth", REFINER: "cityscapes_refinement.pth"}  # + _<width> when 3
 BN_MOMENTUM = 0.01  # upstream base.py BN_MOMENTUM (bottlenecks, refiner)
 MARGIN = 10  # interior margin of a stitched tile, pixels at the native size (§4.3)
 
@@ -216,10 +227,18 @@ class MagNet(UHRMethod):
              Knob("n_patches", sweep=(0, 3, 8), label="patches",
                   help="tiles refined per stage (0: all); MagNet-Fast uses 3"))
     published = {"MagNet": {}, "MagNet-Fast": {"n_points": 0.9, "n_patches": 3}}
+    # upstream's Cityscapes test flags (scripts/cityscapes/test_magnet.sh, spec §7.4) as our keywords
+    CITYSCAPES = {"backbone": HRNET, "native_size": (1024, 2048), "scales": (0.125, 0.25, 0.5, 1.0),
+                  "crop_size": (128, 256), "input_size": (128, 256), "n_points": 32768, "smooth_kernel": 5,
+                  "refiners": 3}
     param_counts = (  # spec §3.1, §9 items 1-2
         ParamCount("spec §3.1 (DeepGlobe, 7 classes)", total=28_152_931,
                    named={"backbone": 28_064_839, "refiner": 88_092}),
         ParamCount("spec §3.1 (refiner, 19 classes)", named={"refiner": 103_500}, num_classes=19),
+        ParamCount("spec §3.1 (Cityscapes HRNet-W18-Small-v2 + OCR, three refiners, 19 classes)", total=6_689_778,
+                   named={"backbone": 6_379_278, "refiner": 3 * 103_500, "hrnet": 3_860_720,
+                          "conv3x3_ocr": 1_245_696, "ocr_distri_head": 1_184_256, "aux_head": 78_859,
+                          "cls_head": 9_747}, num_classes=19, config=CITYSCAPES),
     )
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", pretrained: bool | str = False,
@@ -227,11 +246,13 @@ class MagNet(UHRMethod):
                  scales: tuple[float, ...] = (0.25, 0.5, 1.0), crop_size: int | tuple[int, int] = 612,
                  input_size: int | tuple[int, int] = 508, n_points: float = 0.75, n_patches: int | None = None,
                  smooth_kernel: int = 11, fast_selection: str = "upstream", sub_batch_size: int = 4,
-                 ohem_thresh: float = 0.7, ohem_min_kept: int = 100_000, ignore_index: int = 255) -> None:
+                 ohem_thresh: float = 0.7, ohem_min_kept: int = 100_000, ignore_index: int = 255,
+                 refiners: int = 1) -> None:
         super().__init__(num_classes, ignore_index)
-        if backbone.startswith("hrnet"):
-            raise MethodError("magnet: the Cityscapes HRNet-W18-small-v2 + OCR backbone (spec §2.2) is not "
-                              "implemented; use a ResNet backbone (resnet50 is the DeepGlobe release)")
+        backbone = HRNET if backbone == "hrnet18+ocr" else backbone
+        if backbone.startswith("hrnet") and backbone != HRNET:
+            raise MethodError(f"magnet: backbone '{backbone}' is not upstream's; the HRNet backbone is '{HRNET}' "
+                              "(W18-Small-v2 + OCR, spec §2.2)")
         if fast_selection not in FAST_SELECTIONS:
             raise MethodError(f"magnet: fast_selection must be one of {', '.join(FAST_SELECTIONS)}, "
                               f"got '{fast_selection}'")
@@ -246,6 +267,9 @@ class MagNet(UHRMethod):
             raise MethodError(f"magnet: n_patches must be None, 0 (all tiles) or a positive count, got {n_patches}")
         if sub_batch_size < 1:
             raise MethodError("magnet: sub_batch_size must be >= 1")
+        if refiners not in (1, len(scales) - 1):
+            raise MethodError(f"magnet: refiners must be 1 (shared by every stage) or one per refinement stage "
+                              f"({len(scales) - 1}), got {refiners}")
         self.native = _pair(native_size, "native_size")
         self.crop, self.input = _pair(crop_size, "crop_size"), _pair(input_size, "input_size")
         if any(abs(scales[0] * n - c) > 0.5 for n, c in zip(self.native, self.crop, strict=True)):
@@ -255,8 +279,34 @@ class MagNet(UHRMethod):
         self.n_points, self.n_patches = float(n_points), (int(n_patches) if n_patches else 0)
         self.smooth_kernel, self.fast_selection, self.sub_batch_size = smooth_kernel, fast_selection, sub_batch_size
         self.ohem_thresh, self.ohem_min_kept = ohem_thresh, ohem_min_kept
-        self.backbone = FPNBackbone(num_classes, backbone, pretrained, head_width)
-        self.refiner = Refiner(num_classes)
+        self.hrnet = backbone == HRNET
+        if self.hrnet:
+            self.backbone = HRNetOCR(num_classes)
+            if pretrained:
+                try:
+                    load_imagenet(self.backbone, pretrained)
+                except (ValueError, OSError, RuntimeError) as exc:
+                    raise MethodError(f"magnet: cannot initialise {HRNET} from ImageNet weights: {exc}") from exc
+        else:
+            self.backbone = FPNBackbone(num_classes, backbone, pretrained, head_width)
+        # one refiner: `refiner.*` (the DeepGlobe layout); several: `refiner.<i>.*`, one per stage (Cityscapes)
+        self.refiner = Refiner(num_classes) if refiners == 1 else nn.ModuleList(
+            Refiner(num_classes) for _ in range(refiners))
+
+    def stage_refiner(self, stage: int) -> Refiner:
+        """The refiner of refinement stage `stage` (1, 2, ...): upstream's refiners[min(len, stage) - 1]."""
+        if isinstance(self.refiner, nn.ModuleList):
+            return self.refiner[min(len(self.refiner), stage) - 1]
+        return self.refiner
+
+    def release_files(self) -> tuple[str, list[str]]:
+        """The released file names (§5.3): backbone, then the refiners in stage order: one shared refiner
+        `<dataset>_refinement.pth`, several `<dataset>_refinement_<scale width at the native size>.pth`."""
+        files = CITYSCAPES_FILES if self.hrnet else RELEASE_FILES
+        if not isinstance(self.refiner, nn.ModuleList):
+            return files[BACKBONE], [files[REFINER]]
+        widths = [round(self.native[1] * s) for s in self.scales[1:]]
+        return files[BACKBONE], [files[REFINER].replace(".pth", f"_{w}.pth") for w in widths]
 
     # ---- sizes ----------------------------------------------------------------------------------------
 
@@ -289,8 +339,9 @@ class MagNet(UHRMethod):
         return self
 
     def parameter_counts(self) -> dict[str, int]:
-        return {"backbone": count_parameters(self.backbone), "refiner": count_parameters(self.refiner),
-                "total": count_parameters(self)}
+        counts = {"backbone": count_parameters(self.backbone), "refiner": count_parameters(self.refiner),
+                  "total": count_parameters(self)}
+        return {**counts, **self.backbone.parameter_counts()} if self.hrnet else counts
 
     # ---- input ----------------------------------------------------------------------------------------
 
@@ -331,16 +382,16 @@ class MagNet(UHRMethod):
         scales, crop, inp, margin_px = self.schedule(*image.shape[-2:])
         p = self._backbone_probs(self._tiles(image, scales[0], patch_boxes(scales[0], crop)[:1], inp))
         maps = [p]
-        for scale in scales[1:]:
-            p = self._stage(image, p, scale, crop, inp, margin_px)
+        for stage, scale in enumerate(scales[1:], start=1):
+            p = self._stage(image, p, scale, crop, inp, margin_px, stage)
             maps.append(p)
         if tuple(maps[-1].shape[-2:]) != tuple(image.shape[-2:]):
             maps[-1] = F.interpolate(maps[-1], size=image.shape[-2:], mode="bilinear", align_corners=False)
         return maps
 
     def _stage(self, image: torch.Tensor, p: torch.Tensor, scale: tuple[int, int], crop: tuple[int, int],
-               inp: tuple[int, int], margin_px: int) -> torch.Tensor:
-        """One refinement stage (§4.1): returns the new cumulative map at `scale`."""
+               inp: tuple[int, int], margin_px: int, stage: int = 1) -> torch.Tensor:
+        """Refinement stage `stage` (§4.1; 1 = the first after the coarse pass): the new cumulative map at `scale`."""
         boxes = patch_boxes(scale, crop)
         h, w = scale
         p = F.interpolate(p, size=scale, mode="bilinear", align_corners=False)
@@ -359,7 +410,8 @@ class MagNet(UHRMethod):
         tiles = self._tiles(image, scale, [boxes[i] for i in selected.tolist()], inp)
         scale_specific = self._backbone_probs(tiles)
         cumulative = roi_align(p, [coords[selected.to(coords.device)]], output_size=inp)
-        refined = self._batched(lambda a, b: torch.softmax(self.refiner(a, b), dim=1), scale_specific, cumulative)
+        refiner = self.stage_refiner(stage)
+        refined = self._batched(lambda a, b: torch.softmax(refiner(a, b), dim=1), scale_specific, cumulative)
         rmap, inner = self._stitch(refined, ratios[selected], scale, margin_px)
         certainty = margin(rmap)
         if self.n_patches:  # D2: upstream zeroes inside the refined tiles; corrected: outside them
@@ -425,20 +477,25 @@ class MagNet(UHRMethod):
             img, lab = self._random_crop(image.float(), label, crop)
             xs.append(cv2_linear_resize(img, inp))
             ys.append(nearest_resize(lab, inp))
-        logits = self.backbone(self._to_input(torch.stack(xs)))
-        return {"loss_seg": F.cross_entropy(logits, torch.stack(ys).long(), ignore_index=self.ignore_index)}
+        x, target = self._to_input(torch.stack(xs)), torch.stack(ys).long()
+        if self.hrnet:  # HRNet-OCR: CE(out) + 0.4 CE(aux) (§5.1; upstream's Cityscapes class weights left out)
+            out, aux = self.backbone(x, with_aux=True)
+            return {"loss_seg": F.cross_entropy(out, target, ignore_index=self.ignore_index),
+                    "loss_aux": AUX_WEIGHT * F.cross_entropy(aux, target, ignore_index=self.ignore_index)}
+        return {"loss_seg": F.cross_entropy(self.backbone(x), target, ignore_index=self.ignore_index)}
 
     def _train_refiner(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Upstream's `RandomPair` + train.py step (§5.2): coarse = whole image at the input size; a random crop of
         a random finer scale at the input size; the frozen backbone's softmax on both; the coarse one cropped by
         roi_align at the crop's box; OHEM cross-entropy of the refiner on [fine, coarse crop] (D3: inference
-        order) against the crop's label."""
+        order) against the crop's label. With one refiner per stage, each pair trains the refiner of its scale."""
         scales, crop, inp, _ = self.schedule(*images.shape[-2:])
-        coarse, fine, fine_labels, boxes = [], [], [], []
+        coarse, fine, fine_labels, boxes, stages = [], [], [], [], []
         for image, label in zip(images, labels, strict=True):
             image = image.float()
             coarse.append(cv2_linear_resize(image, inp))
-            sh, sw = random.choice(scales[1:])
+            stages.append(random.randrange(1, len(scales)))
+            sh, sw = scales[stages[-1]]
             scaled, scaled_label = cv2_linear_resize(image, (sh, sw)), nearest_resize(label, (sh, sw))
             y = random.randrange(max(1, sh - crop[0]))  # numpy randint(0, max): upper bound exclusive (D12)
             x = random.randrange(max(1, sw - crop[1]))
@@ -451,7 +508,13 @@ class MagNet(UHRMethod):
             pf = torch.softmax(self.backbone(self._to_input(torch.stack(fine))), dim=1)
             rois = torch.tensor(boxes, dtype=pc.dtype, device=pc.device)
             pc_crop = roi_align(pc, list(rois.unsqueeze(1)), output_size=inp)
-        logits = self.refiner(pf, pc_crop)
+        if isinstance(self.refiner, nn.ModuleList):  # group the pairs by their stage's refiner, keep the order
+            logits = pf.new_empty(pf.shape)
+            for stage in sorted(set(stages)):
+                rows = torch.tensor([i for i, s in enumerate(stages) if s == stage], device=pf.device)
+                logits = logits.index_copy(0, rows, self.stage_refiner(stage)(pf[rows], pc_crop[rows]))
+        else:
+            logits = self.refiner(pf, pc_crop)
         target = torch.stack(fine_labels).long()
         return {"loss_refine": ohem_ce(logits.float(), target, self.ignore_index, self.ohem_thresh,
                                        self.ohem_min_kept)}
@@ -459,32 +522,54 @@ class MagNet(UHRMethod):
     # ---- released checkpoints (§5.3, §6) ------------------------------------------------------------
 
     def save_official(self, path: str) -> None:
-        """The released layout in folder `path`: `deepglobe_fpn.pth` (the backbone's state dict, upstream names)
-        and `deepglobe_refinement.pth` (the refiner's plain state dict)."""
+        """The released layout in folder `path` (§5.3): the backbone's state dict under upstream's names
+        (`deepglobe_fpn.pth` / `cityscapes_hrnet.pth`) and each refiner's plain state dict (`deepglobe_refinement.pth`;
+        Cityscapes `cityscapes_refinement_{512,1024,2048}.pth`, one per stage)."""
         os.makedirs(path, exist_ok=True)
-        torch.save(self.backbone.state_dict(), os.path.join(path, RELEASE_FILES[BACKBONE]))
-        torch.save(self.refiner.state_dict(), os.path.join(path, RELEASE_FILES[REFINER]))
+        backbone_file, refiner_files = self.release_files()
+        torch.save(self.backbone.state_dict(), os.path.join(path, backbone_file))
+        for i, name in enumerate(refiner_files):
+            torch.save(self._refiner_module(i).state_dict(), os.path.join(path, name))
 
-    def load_official(self, path: str, strict: bool = True) -> LoadReport:
-        """Released weights: a folder holding `deepglobe_fpn.pth` and `deepglobe_refinement.pth`, or one file (a
-        backbone or a refiner, told apart by its keys). Backbone keys lose every `model.` (upstream's override) and
-        the trainer's `loss.*` buffers are skipped; the refiner is a plain state dict (§6). Strict by default: any
-        missing, unexpected or mis-shaped key raises MethodError naming the file, and nothing of it is loaded."""
+    def _refiner_module(self, index: int) -> Refiner:
+        return self.refiner[index] if isinstance(self.refiner, nn.ModuleList) else self.refiner
+
+    def load_official(self, path: str, strict: bool = True, refiner: int | None = None) -> LoadReport:
+        """Released weights: a folder holding the released files (`release_files()`: DeepGlobe `deepglobe_fpn.pth` +
+        `deepglobe_refinement.pth`; Cityscapes `cityscapes_hrnet.pth` + `cityscapes_refinement_{512,1024,2048}.pth`),
+        or one file (a backbone or a refiner, told apart by its keys). A lone refiner file goes to refiner number
+        `refiner` (0-based) when there are several, else to the one its released name says. Backbone keys lose every
+        `model.` (upstream's override) and the trainer's `loss.*` buffers are skipped; a refiner is a plain state
+        dict (§6). Strict by default: any missing, unexpected or mis-shaped key raises MethodError naming the file,
+        and nothing of it is loaded."""
+        backbone_file, refiner_files = self.release_files()
         if os.path.isdir(path):
-            files = [os.path.join(path, RELEASE_FILES[k]) for k in (BACKBONE, REFINER)]
+            files = [os.path.join(path, name) for name in (backbone_file, *refiner_files)]
             absent = [f for f in files if not os.path.isfile(f)]
             if absent:
                 raise MethodError(f"magnet: {path} lacks {', '.join(absent)} (the released files, spec §5.3)")
-            reports = [self.load_official(f, strict) for f in files]
+            reports = [self.load_official(files[0], strict)]
+            reports += [self.load_official(f, strict, refiner=i) for i, f in enumerate(files[1:])]
             return LoadReport(*(sum((getattr(r, n) for r in reports), []) for n in
                                 ("loaded", "missing", "unexpected", "mismatched", "skipped")))
         state = self._read(path)
-        part = REFINER if "seg_conv.weight" in state else BACKBONE
         skipped = []
-        if part == BACKBONE:
+        if "seg_conv.weight" in state:  # a refiner
+            prefix = f"{REFINER}."
+            if isinstance(self.refiner, nn.ModuleList):
+                name = os.path.basename(path)
+                index = refiner if refiner is not None else (refiner_files.index(name) if name in refiner_files
+                                                             else None)
+                if index is None or not 0 <= index < len(self.refiner):
+                    raise MethodError(f"magnet: {path} is a refiner, and this model has {len(self.refiner)} (one per "
+                                      f"stage): load the folder, name the file as released "
+                                      f"({', '.join(refiner_files)}) or pass refiner=<0..{len(self.refiner) - 1}>")
+                prefix = f"{REFINER}.{index}."
+        else:
+            prefix = f"{BACKBONE}."
             skipped = [k for k in state if k.startswith("loss.") or k.startswith("model.loss.")]
             state = {k.replace("model.", ""): v for k, v in state.items() if k not in skipped}
-        report = self.load_mapped_state({f"{part}.{k}": v for k, v in state.items()}, path, strict, f"{part}.")
+        report = self.load_mapped_state({prefix + k: v for k, v in state.items()}, path, strict, prefix)
         report.skipped = skipped
         return report
 

@@ -1,5 +1,6 @@
 """MagNet (methods/magnet.py) against docs/specs/magnet.md: refiner layout, tile grid, point counts, the merge rule,
-MagNet-Fast's tile choice, training phases, the released checkpoint layout, OpenCV's uint8 resize."""
+MagNet-Fast's tile choice, training phases, the released checkpoint layout, OpenCV's uint8 resize; the Cityscapes
+HRNet-W18-Small-v2 + OCR backbone (methods/blocks/hrnet.py) with its three refiners."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import methods.blocks.hrnet as hrnet
 import methods.magnet as mg
 from methods import build_method
 from methods.base import MethodError, count_parameters
 from methods.blocks.cv2_resize import cv2_linear_resize, nearest_resize
+from tests.golden.seeded import seed_weights
 
 SMALL = dict(backbone="resnet18", head_width=32, native_size=256, crop_size=64, input_size=48, smooth_kernel=5)
 
@@ -265,9 +268,158 @@ def test_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path):
     assert torch.equal(model.refiner.bn0.running_var, before)  # strict: nothing loaded
 
 
-def test_hrnet_backbone_is_refused_in_one_line():
-    with pytest.raises(MethodError, match="not implemented"):
-        build_method("magnet", 19, backbone="hrnet18+ocr")
+# ---- Cityscapes: HRNetV2-W18-Small-v2 + OCR, three refiners (spec §2.2, §3.1, §4.1, §6, §7.4) ----------------------
+
+OCR = "ocr_distri_head.object_context_block"
+SPEC_PREFIXES = {  # spec §6, the HRNet-W18s-OCR row
+    "conv1", "bn1", "conv2", "bn2", "layer1.0", "layer1.1", "transition1.0", "transition1.1", "stage2.0",
+    "transition2.2", "stage3.0", "stage3.1", "stage3.2", "transition3.3", "stage4.0", "stage4.1", "conv3x3_ocr.0",
+    "conv3x3_ocr.1", *(f"{OCR}.{f}.{i}" for f in ("f_pixel", "f_object") for i in ("0", "1.0", "2", "3.0")),
+    *(f"{OCR}.{f}.{i}" for f in ("f_down", "f_up") for i in ("0", "1.0")), "ocr_distri_head.conv_bn_dropout.0",
+    "ocr_distri_head.conv_bn_dropout.1.0", "cls_head", "aux_head.0", "aux_head.1", "aux_head.3"}
+
+
+def _prefix(key: str) -> str:
+    parts = key.split(".")
+    for depth in (5, 4, 3, 2, 1):  # the longest spec prefix the key starts with
+        if ".".join(parts[:depth]) in SPEC_PREFIXES:
+            return ".".join(parts[:depth])
+    return key
+
+
+def cityscapes(**kw) -> mg.MagNet:
+    """The release's Cityscapes configuration (19 classes); on a 64x128 image tiles are 8x16 (native / 16)."""
+    torch.manual_seed(0)
+    return build_method("magnet", 19, **{**mg.MagNet.CITYSCAPES, **kw}).eval()
+
+
+def test_hrnet_ocr_counts_and_key_layout():
+    net = hrnet.HRNetOCR(19)
+    assert count_parameters(net) == 6_379_278  # spec §3.1 and its breakdown
+    assert net.parameter_counts() == {"hrnet": 3_860_720, "conv3x3_ocr": 1_245_696, "ocr_distri_head": 1_184_256,
+                                      "aux_head": 78_859, "cls_head": 9_747}
+    state = net.state_dict()
+    assert len(state) == 924 and {_prefix(k) for k in state} == SPEC_PREFIXES
+    assert state["transition1.1.0.0.weight"].shape == (36, 256, 3, 3)
+    assert state["stage4.1.fuse_layers.3.0.2.0.weight"].shape == (144, 18, 3, 3)  # 3 strided convs from branch 0
+    assert state["stage2.0.fuse_layers.0.1.0.weight"].shape == (18, 36, 1, 1)
+    assert net.conv1.stride == net.conv2.stride == (1, 1)  # the stride-1 stem (full_os)
+    assert net.bn1.momentum == 0.01 and net.aux_head[1].momentum == net.conv3x3_ocr[1].momentum == 0.1
+
+
+def test_hrnet_ocr_output_is_the_aux_blend_at_the_input_size():
+    torch.manual_seed(0)
+    net = seed_weights(hrnet.HRNetOCR(19), 5).eval()
+    x = torch.randn(2, 3, 16, 32)
+    with torch.no_grad():
+        feats = net.features(x)
+        out, aux = net(x, with_aux=True)
+        mixed = net(x)
+    assert feats.shape == (2, 270, 16, 32)  # four branches at the input resolution (stride-1 stem)
+    assert out.shape == aux.shape == mixed.shape == (2, 19, 16, 32)
+    assert not torch.allclose(out, aux, atol=1e-3)
+    assert torch.allclose(mixed, (out + 0.4 * aux) / 1.4, atol=1e-6)
+    with torch.no_grad():  # the OCR gather is per image: a batch gives each image's own output
+        assert torch.allclose(net(x[1:]), mixed[1:], atol=1e-4)
+
+
+def test_cityscapes_configuration_is_the_release_schedule():
+    model = cityscapes()
+    assert model.schedule(1024, 2048) == ([(128, 256), (256, 512), (512, 1024), (1024, 2048)], (128, 256),
+                                          (128, 256), 10)
+    assert [len(mg.patch_boxes(s, (128, 256))) for s in model.schedule(1024, 2048)[0]] == [1, 4, 16, 64]
+    assert model.smooth_kernel == 5 and model.n_points == 32768 and len(model.refiner) == 3
+    assert model.release_files() == ("cityscapes_hrnet.pth", ["cityscapes_refinement_512.pth",
+                                                              "cityscapes_refinement_1024.pth",
+                                                              "cityscapes_refinement_2048.pth"])
+    assert model.parameter_counts()["total"] == 6_689_778  # spec §3.1, whole system
+    assert build_method("magnet", 19, backbone="hrnet18+ocr").hrnet  # upstream's spelling
+    for bad in ({"backbone": "hrnet48_ocr"}, {"refiners": 2}):
+        with pytest.raises(MethodError) as err:
+            cityscapes(**bad)
+        assert "\n" not in str(err.value)
+
+
+def test_each_stage_runs_its_own_refiner():
+    model = cityscapes(n_points=128)
+    calls = []
+    for i, ref in enumerate(model.refiner):
+        ref.register_forward_hook(lambda m, a, o, i=i: calls.append((i, tuple(o.shape[-2:]))))
+    with torch.no_grad():
+        out = model.predict(torch.randint(0, 256, (1, 3, 64, 128), dtype=torch.uint8))
+    assert out.shape == (1, 19, 64, 128)
+    # sub-batches of 4 tiles of 8x16: stage 1 (4 tiles) refiner 0, stage 2 (16) refiner 1, stage 3 (64) refiner 2
+    assert calls == [(0, (8, 16))] + [(1, (8, 16))] * 4 + [(2, (8, 16))] * 16
+
+
+def test_cityscapes_phases_train_the_aux_output_and_the_drawn_stages_refiners():
+    model = cityscapes().train()
+    images = torch.randint(0, 256, (3, 3, 64, 128), dtype=torch.uint8)
+    labels = torch.randint(0, 19, (3, 64, 128))
+    model.set_phase("backbone")
+    terms = model.forward_train(images, labels)
+    assert set(terms) == {"loss_seg", "loss_aux"}
+    terms["loss_aux"].backward()
+    assert model.backbone.aux_head[3].weight.grad.abs().sum() > 0 and model.backbone.cls_head.weight.grad is None
+    model.zero_grad(set_to_none=True)
+    model.set_phase("refiner")
+    stages = iter([1, 3, 3])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mg.random, "randrange", lambda *a: next(stages) if len(a) == 2 else 0)
+        terms = model.forward_train(images, labels)
+    sum(terms.values()).backward()
+    got = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in r.parameters()) for r in model.refiner]
+    assert got == [True, False, True]
+
+
+def test_cityscapes_release_round_trip_and_one_line_errors(tmp_path):
+    source = seed_weights(cityscapes(), 3)
+    source.save_official(str(tmp_path / "release"))
+    names = sorted(p.name for p in (tmp_path / "release").iterdir())
+    assert names == ["cityscapes_hrnet.pth", "cityscapes_refinement_1024.pth", "cityscapes_refinement_2048.pth",
+                     "cityscapes_refinement_512.pth"]
+    backbone = torch.load(tmp_path / "release" / "cityscapes_hrnet.pth")
+    assert len(backbone) == 924 and {_prefix(k) for k in backbone} == SPEC_PREFIXES
+    target = cityscapes()
+    report = target.load_official(str(tmp_path / "release"))
+    assert report.clean and len(report.loaded) == 924 + 3 * 60
+    theirs = target.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in source.state_dict().items())
+    # the trainer's best.pth (`model.` keys, loss weights) and a lone refiner file go where they are told
+    trainer = {f"model.{k}": v for k, v in source.backbone.state_dict().items()}
+    trainer["loss.criterion.weight"] = torch.ones(19)
+    torch.save(trainer, tmp_path / "best.pth")
+    torch.save(source.refiner[2].state_dict(), tmp_path / "epoch49.pth")
+    fresh = cityscapes()
+    assert fresh.load_official(str(tmp_path / "best.pth")).skipped == ["loss.criterion.weight"]
+    before = fresh.refiner[1].state_dict()
+    fresh.load_official(str(tmp_path / "epoch49.pth"), refiner=0)
+    assert torch.equal(fresh.refiner[0].conv1.weight, source.refiner[2].conv1.weight)
+    assert all(torch.equal(v, fresh.refiner[1].state_dict()[k]) for k, v in before.items())
+    torch.save(small().backbone.state_dict(), tmp_path / "fpn.pth")  # a DeepGlobe backbone
+    torch.save(hrnet.HRNetOCR(7).state_dict(), tmp_path / "hrnet7.pth")  # 7 classes
+    for name, kw, message in (("fpn.pth", {}, "unexpected"), ("hrnet7.pth", {}, "cls_head.weight"),
+                              ("epoch49.pth", {}, "refiner=")):
+        with pytest.raises(MethodError, match=message) as err:
+            fresh.load_official(str(tmp_path / name), **kw)
+        assert str(tmp_path / name) in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "release" / "cityscapes_refinement_1024.pth").unlink()
+    with pytest.raises(MethodError, match="cityscapes_refinement_1024.pth"):
+        fresh.load_official(str(tmp_path / "release"))
+
+
+def test_hrnet_imagenet_file_merges_by_name(tmp_path):
+    donor = seed_weights(hrnet.HRNetOCR(19), 4)
+    state = {f"model.{k}".replace("aux_head", "last_layer"): v for k, v in donor.state_dict().items()
+             if not k.startswith(("cls_head", "conv3x3_ocr", "ocr_"))}
+    torch.save(state, tmp_path / "hrnet_w18_v2_imagenet.pth")
+    model = cityscapes(pretrained=str(tmp_path / "hrnet_w18_v2_imagenet.pth"))
+    assert torch.equal(model.backbone.stage4[1].branches[3][1].conv2.weight,
+                       donor.stage4[1].branches[3][1].conv2.weight)
+    assert torch.equal(model.backbone.aux_head[0].weight, donor.aux_head[0].weight)
+    assert not torch.equal(model.backbone.cls_head.weight, donor.cls_head.weight)
+    with pytest.raises(MethodError, match="does not exist"):
+        cityscapes(pretrained=str(tmp_path / "absent.pth"))
 
 
 def test_cv2_resize_integer_downscales_and_reference_values():

@@ -52,7 +52,7 @@ from torchvision.ops import roi_align
 from methods.base import Knob, LoadReport, MethodError, ParamCount, Phase, UHRMethod, count_parameters, register_method
 from methods.blocks.cv2_resize import cv2_linear_resize, nearest_resize
 from methods.blocks.fpn import WIDTH, GlobalFPN, fpn_trunk
-from methods.blocks.hrnet import AUX_WEIGHT, HRNetOCR, load_imagenet
+from methods.blocks.hrnet import AUX_WEIGHT, Bottleneck, HRNetOCR, load_imagenet
 
 BACKBONE, REFINER = "backbone", "refiner"
 FAST_SELECTIONS = ("upstream", "corrected")
@@ -95,27 +95,6 @@ class FPNBackbone(GlobalFPN):
         return F.interpolate(out.logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class Bottleneck(nn.Module):
-    """Upstream base.py `Bottleneck` (expansion 4, stride 1 here), BN momentum 0.01."""
-
-    def __init__(self, cin: int, planes: int, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4, momentum=BN_MOMENTUM)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
 class Refiner(nn.Module):
     """`RefinementMagNet(C, use_bn=True)` (§3): BN on the 2C-channel input, two 3x3 conv-BN-ReLU (64), two
     bottlenecks (64 -> 128, 128 -> 128), a bias-free 1x1 classifier. Input order [scale-specific, cumulative]."""
@@ -128,8 +107,7 @@ class Refiner(nn.Module):
         self.conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
         self.relu = nn.ReLU(inplace=True)
-        shortcut = nn.Sequential(nn.Conv2d(64, 128, 1, bias=False), nn.BatchNorm2d(128, momentum=BN_MOMENTUM))
-        self.residual = nn.Sequential(Bottleneck(64, 32, shortcut), Bottleneck(128, 32))
+        self.residual = nn.Sequential(Bottleneck(64, 32), Bottleneck(128, 32))  # the first with a 1x1 + BN shortcut
         self.seg_conv = nn.Conv2d(128, num_classes, 1, bias=False)
 
     def forward(self, scale_specific: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,9 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """ResNet bottleneck (expansion 4, stride 1, BN momentum 0.01; a 1x1 conv + BN shortcut when the width changes):
+    HRNet's layer1 and MagNet's refiner (upstream base.py)."""
+
     def __init__(self, cin: int, planes: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)

@@ -43,7 +43,7 @@ from datasets import get_dataset
 from methods import MethodError, build_method, count_parameters, run_names
 from pipelines import tracking
 from pipelines.config import ConfigError, full_model_config, load_config
-from pipelines.measure import MeasureSettings, is_oom, measure_model, predictor, scaled
+from pipelines.measure import MeasureSettings, is_oom, make_inputs, measure_model, predictor, scaled
 
 DATASETS = ("deepglobe", "inria", "cityscapes", "urur")
 SCALES = (1.0, 0.8)
@@ -104,11 +104,10 @@ def build_on(device: torch.device, method: str, info, model_cfg: dict):
     return model.to(device).eval()
 
 
-def run_cell(model, cell: Cell, size: tuple[int, int], device: torch.device, share_s: float, seed: int,
+def run_cell(model, config, cell: Cell, size: tuple[int, int], device: torch.device, share_s: float, seed: int,
              warmup_seconds: float = 0.0) -> dict:
     amp = None if cell.precision == "fp32" else cell.precision
-    gen = torch.Generator(device).manual_seed(seed)  # drawn on the device: 79 M values take ~0.5 s on a CPU
-    x = torch.randint(0, 256, (1, 3, *size), generator=gen, dtype=torch.uint8, device=device)
+    [x], _ = make_inputs(config, cell.dataset, MeasureSettings(source="dummy", seed=seed), device, size)
     try:
         with torch.inference_mode():
             fn = predictor(model, device, amp)
@@ -309,7 +308,7 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                 # a process's first seconds on a GPU run slow (README, "Measurement protocol"): the first cell
                 # warms the device up for the protocol's 5 s; the cells after it keep it busy
-                row.update(run_cell(model, cell, size, device, share, args.seed,
+                row.update(run_cell(model, config, cell, size, device, share, args.seed,
                                     warmup_seconds=5.0 if i == 0 and device.type == "cuda" else 0.0))
             except (MethodError, ConfigError, RuntimeError, ValueError) as exc:  # one row, not the end of the run
                 row.update(status="error", error=f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")

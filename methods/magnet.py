@@ -50,6 +50,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from methods.base import Knob, LoadReport, MethodError, ParamCount, Phase, UHRMethod, count_parameters, register_method
+from methods.blocks.backbones import read_state_dict
 from methods.blocks.cv2_resize import cv2_linear_resize, nearest_resize
 from methods.blocks.fpn import WIDTH, GlobalFPN, fpn_trunk
 from methods.blocks.hrnet import AUX_WEIGHT, Bottleneck, HRNetOCR, load_imagenet
@@ -530,7 +531,9 @@ class MagNet(UHRMethod):
             reports += [self.load_official(f, strict, refiner=i) for i, f in enumerate(files[1:])]
             return LoadReport(*(sum((getattr(r, n) for r in reports), []) for n in
                                 ("loaded", "missing", "unexpected", "mismatched", "skipped")))
-        state = self._read(path)
+        state = read_state_dict(path)
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise MethodError(f"magnet: {path} is not a state dict of tensors (upstream's model.state_dict())")
         skipped = []
         if "seg_conv.weight" in state:  # a refiner
             prefix = f"{REFINER}."
@@ -550,17 +553,3 @@ class MagNet(UHRMethod):
         report = self.load_mapped_state({prefix + k: v for k, v in state.items()}, path, strict, prefix)
         report.skipped = skipped
         return report
-
-    @staticmethod
-    def _read(path: str) -> dict[str, torch.Tensor]:
-        if not os.path.isfile(path):
-            raise MethodError(f"magnet: checkpoint {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same one line
-            raise MethodError(f"magnet: cannot read checkpoint {path} ({exc.__class__.__name__})") from exc
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise MethodError(f"magnet: {path} is not a state dict of tensors (upstream's model.state_dict())")
-        return state

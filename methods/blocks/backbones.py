@@ -73,7 +73,8 @@ def read_state_dict(path: str) -> dict:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same advice
-        raise MethodError(f"cannot read checkpoint '{path}' as plain tensors ({exc.__class__.__name__}: {exc}); "
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise MethodError(f"cannot read checkpoint '{path}' as plain tensors ({exc.__class__.__name__}: {first}); "
                           "re-save just its state_dict with torch.save") from exc
     for key in ("state_dict", "model"):
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):

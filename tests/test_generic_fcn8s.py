@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import methods.blocks.fcn8 as fcn8_block
 import methods.fcn8s as fcn8s
 from methods import MethodError, build_method
 from methods.base import Phase
+from methods.blocks.fcn8 import UPSAMPLING, bilinear_kernel
 from tests.golden.seeded import load_fixture, seed_weights, seeded_image
 
 # narrow fc6 / fc7 keep the tests quick (the golden fixture was made at this width too); the release's is 4096
@@ -61,15 +63,15 @@ def test_trains_one_step_and_predicts_at_any_size(models, variant):
 def test_upsampling_is_fixed_bilinear(models):
     model = models["global"]
     trained = {id(p) for p in model.phase_parameters(Phase("main"))}
-    for name in fcn8s.UPSAMPLING:
+    for name in UPSAMPLING:
         weight = getattr(model, name).weight
         assert id(weight) not in trained and not weight.requires_grad
     assert len(trained) == sum(1 for _ in model.parameters()) - 3
-    kernel = fcn8s.bilinear_kernel(2, 4)
+    kernel = bilinear_kernel(2, 4)
     assert kernel[0, 1].abs().sum() == 0 and kernel[1, 0].abs().sum() == 0  # class i -> class i only
     assert torch.allclose(kernel[0, 0, 1], torch.tensor([0.1875, 0.5625, 0.5625, 0.1875]))  # caffe upsample_filt
     # a constant map stays constant inside the upsampled interior
-    up = torch.nn.functional.conv_transpose2d(torch.ones(1, 2, 5, 5), fcn8s.bilinear_kernel(2, 16), stride=8)
+    up = torch.nn.functional.conv_transpose2d(torch.ones(1, 2, 5, 5), bilinear_kernel(2, 16), stride=8)
     assert torch.allclose(up[..., 8:-8, 8:-8], torch.ones(()))
 
 
@@ -134,12 +136,12 @@ def test_imagenet_vgg16_goes_to_trunk_and_fc6_fc7(models, monkeypatch, tmp_path)
     state = dict(features, **{"classifier.0.weight": fc6, "classifier.0.bias": torch.ones(width),
                               "classifier.3.weight": torch.eye(width), "classifier.3.bias": torch.zeros(width),
                               "classifier.6.weight": torch.zeros(1000, width), "classifier.6.bias": torch.zeros(1000)})
-    monkeypatch.setattr(fcn8s, "torchvision_vgg16_state", lambda pretrained, batch_norm: state)
-    model._load_imagenet(True)
+    monkeypatch.setattr(fcn8_block, "torchvision_vgg16_state", lambda pretrained, batch_norm: state)
+    model.load_imagenet_fcn8(True)
     assert torch.equal(model.features[28].weight, torch.full((512, 512, 3, 3), 0.25))  # conv5_3
     assert model.fc6.weight[1, 2, 3, 4] == 25088 + 2 * 49 + 3 * 7 + 4  # (out, channel, row, column) of pool5
     assert torch.equal(model.fc7.weight[:, :, 0, 0], torch.eye(width))
     assert torch.equal(model.fc6.bias, torch.ones(width))
     del state["classifier.0.weight"]
     with pytest.raises(MethodError, match="classifier.0.weight"):
-        model._load_imagenet(True)
+        model.load_imagenet_fcn8(True)

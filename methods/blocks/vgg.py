@@ -15,11 +15,12 @@ from methods.base import MethodError
 from methods.blocks.backbones import read_state_dict
 
 
-def vgg16_features(batch_norm: bool = False) -> nn.Sequential:
+def vgg16_features(batch_norm: bool = False, width: float = 1.0) -> nn.Sequential:
     """torchvision's `vgg16(_bn)().features` (13 3x3 convs with bias, optional BN, 5 max-pools), initialised as
     torchvision does (kaiming-normal fan_out conv, zero bias, BN 1/0), without building the 120M-parameter
-    classifier."""
-    features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=batch_norm)
+    classifier. `width` < 1 narrows every convolution (quick smoke runs only; no pretrained weights fit)."""
+    cfg = [v if v == "M" else max(1, int(v * width)) for v in tv_vgg.cfgs["D"]]
+    features = tv_vgg.make_layers(cfg, batch_norm=batch_norm)
     for m in features.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -16,8 +16,8 @@ def run(*args):
 
 
 def test_params_yaml_holds_deltas_only():
-    # a line or two per generic network and its Cityscapes paper recipe; about a dozen per UHR method
-    assert len((REPO / "params.yaml").read_text().splitlines()) < 300
+    # a line or two per generic network and its Cityscapes paper recipe; a dozen or two per UHR method
+    assert len((REPO / "params.yaml").read_text().splitlines()) < 320
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     from pipelines.schema import constructor_keywords
 

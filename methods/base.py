@@ -226,6 +226,19 @@ class UHRMethod(nn.Module):
         if name is not None and name not in known:
             raise MethodError(f"{self.name}: unknown phase '{name}'; phases: {', '.join(known)}")
         self.phase = name
+        self.train(self.training)  # re-apply the phase's frozen_eval
+
+    def frozen_modules(self) -> tuple[str, ...]:
+        """Submodules kept in eval mode while the model trains: the current phase's `frozen_eval`."""
+        return {p.name: p.frozen_eval for p in self.phases}.get(self.phase, ())
+
+    def train(self, mode: bool = True) -> UHRMethod:
+        """nn.Module.train, except that the frozen submodules (frozen_modules) stay in eval mode (their BN
+        statistics and dropout do not move), however often the trainer or an evaluation switches modes."""
+        super().train(mode)
+        for name in self.frozen_modules() if mode else ():
+            self.get_submodule(name).eval()
+        return self
 
     def phase_parameters(self, phase: Phase) -> Iterator[nn.Parameter]:
         if phase.trainable is None:

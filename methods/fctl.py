@@ -208,14 +208,6 @@ class FCtL(UHRMethod):
             if name == phase and not bool(self.started[STARTED[target]]):
                 getattr(self, target).load_state_dict(getattr(self, source).state_dict())
                 self.started[STARTED[target]] = True
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> FCtL:
-        super().train(mode)
-        frozen = {p.name: p.frozen_eval for p in self.phases}.get(self.phase, ())
-        for name in frozen if mode else ():
-            self.get_submodule(name).eval()
-        return self
 
     def phase_parameters(self, phase: Phase) -> Iterator[nn.Parameter]:
         fixed = set().union(*(net.fixed_parameters() for net in (self.main, self.medium, self.large)))

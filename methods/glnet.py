@@ -169,7 +169,6 @@ class GLNet(UHRMethod):
             self.global_fixed_ready.fill_(False)
         if name == L2G and not bool(self.global_fixed_ready):
             self._snapshot_global()
-        self.train(self.training)  # re-apply the phase's frozen_eval
 
     def _snapshot_global(self) -> None:
         self.global_fixed["resnet_global"].load_state_dict(self.resnet_global.state_dict())
@@ -177,12 +176,9 @@ class GLNet(UHRMethod):
         fixed.load_state_dict({k: v for k, v in self.fpn_global.state_dict().items() if k in fixed.state_dict()})
         self.global_fixed_ready.fill_(True)
 
-    def train(self, mode: bool = True) -> GLNet:
-        super().train(mode)
-        frozen = {p.name: p.frozen_eval for p in self.phases}.get(self.phase, ("global_fixed",))
-        for name in frozen if mode else ():
-            self.get_submodule(name).eval()
-        return self
+    def frozen_modules(self) -> tuple[str, ...]:
+        # outside the phases (final inference) the frozen stage-1 copy stays frozen too
+        return super().frozen_modules() if self.phase is not None else ("global_fixed",)
 
     def parameter_counts(self) -> dict[str, int]:
         """`checkpoint`: the upstream `fpn` module (what a released file holds, §7); `inference`: the

@@ -306,17 +306,6 @@ class MagNet(UHRMethod):
         return [Phase(BACKBONE, (BACKBONE,), BACKBONE, (REFINER,)),
                 Phase(REFINER, (REFINER,), REFINER, (BACKBONE,))]
 
-    def set_phase(self, name: str | None) -> None:
-        super().set_phase(name)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> MagNet:
-        super().train(mode)
-        frozen = {p.name: p.frozen_eval for p in self.phases}.get(self.phase, ())
-        for name in frozen if mode else ():
-            self.get_submodule(name).eval()
-        return self
-
     def parameter_counts(self) -> dict[str, int]:
         counts = {"backbone": count_parameters(self.backbone), "refiner": count_parameters(self.refiner),
                   "total": count_parameters(self)}

@@ -302,9 +302,7 @@ def train_phase(model: UHRMethod, phase, recipe: Recipe, samples: SeededSamples,
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         restore_rng(resume["rng"])
-    model.train()
-    for name in phase.frozen_eval:
-        model.get_submodule(name).eval()
+    model.train()  # keeps the phase's frozen_eval submodules in eval mode (UHRMethod.train)
     channels_last = recipe.channels_last  # NHWC: oneDNN on CPU and cuDNN both have faster kernels for it
     batches = micro_batches(samples, ctx, per_device, position, workers, ctx.device.type == "cuda")
     bar = tqdm(total=recipe.iterations, initial=position.iteration, desc=f"train {model.name}/{phase.name}",

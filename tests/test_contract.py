@@ -77,6 +77,24 @@ def test_every_phase_trains(name):
         assert reached, f"{name}/{phase.name}: no trained parameter got a gradient"
 
 
+FROZEN = [name for name in RUNS if any(p.frozen_eval for p in build(name).phases)]
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_frozen_submodules_stay_in_eval_mode(name):
+    """A phase's frozen_eval submodules keep eval mode (BN statistics, dropout) whenever the model is put in train mode,
+    by the trainer or after an evaluation."""
+    model = build(name)
+    for phase in model.phases:
+        model.set_phase(phase.name)
+        model.eval()
+        model.train()
+        for sub in phase.frozen_eval:
+            assert not any(m.training for m in model.get_submodule(sub).modules()), (phase.name, sub)
+        trained = [n for n in (phase.trainable or ()) if n not in phase.frozen_eval]
+        assert all(model.get_submodule(n).training for n in trained), phase.name
+
+
 def _inference_parameters(model, size: int = 512) -> int:
     ran, hooks = set(), []
     for module_name, module in model.named_modules():

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from methods.base import LoadReport, MethodError, ParamCount, Phase, UHRMethod, build_method, register_method
+from methods.base import LoadReport, MethodError, ParamCount, register_method
 from methods.blocks.backbones import read_state_dict
+from methods.blocks.refiner import BaseRefiner
 
 PADDING = 16  # local step: trimmed from each crop side that is not on the image border (§4.3)
 FOREGROUND_SHARE = (0.1, 0.9)  # local step: crops whose binarised global mask is outside this are skipped
@@ -313,11 +314,8 @@ def refinement_loss(out: dict[str, torch.Tensor], gt: torch.Tensor) -> dict[str,
 
 # ---------------------------------------------------------------------------------------------------------------
 
-BASE, REFINER = "base", "refiner"
-
-
 @register_method
-class CascadePSP(UHRMethod):
+class CascadePSP(BaseRefiner):
     name = "cascadepsp"
     description = ("CascadePSP: a class-agnostic ResNet-50 PSPNet refiner (3-pass cascade, global + local steps) "
                    "applied per class to a base method's prediction (base: in params; CVPR 2020)")
@@ -329,16 +327,10 @@ class CascadePSP(UHRMethod):
     def __init__(self, num_classes: int, ignore_index: int = 255, base: str = "global", base_model: dict | None = None,
                  L: int = 900, fast: bool = False, min_area: int = 1024, iou_range: tuple[float, float] = (0.8, 1.0),
                  pretrained: bool | str = False) -> None:
-        super().__init__(num_classes, ignore_index)
-        if base == self.name:
-            raise MethodError("cascadepsp: base must be another registered method")
-        self.base = build_method(base, num_classes, ignore_index=ignore_index, **(base_model or {}))
-        if len(self.base.phases) != 1:
-            raise MethodError(f"cascadepsp: base '{base}' trains in {len(self.base.phases)} phases; choose a base "
-                              "that trains in one (train multi-phase methods on their own)")
+        super().__init__(num_classes, ignore_index, base, base_model)
         if L <= 4 * PADDING:
             raise MethodError(f"cascadepsp: L must exceed {4 * PADDING}, got {L}")
-        self.base_name, self.L, self.fast, self.min_area = base, int(L), bool(fast), int(min_area)
+        self.L, self.fast, self.min_area = int(L), bool(fast), int(min_area)
         self.iou_range = (float(iou_range[0]), float(iou_range[1]))
         self.refiner = RefinementNet()
         if pretrained:
@@ -356,14 +348,6 @@ class CascadePSP(UHRMethod):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         state["conv1.weight"] = torch.cat([state["conv1.weight"], torch.zeros_like(state["conv1.weight"])], 1)
         self.refiner.feats.load_state_dict(state)
-
-    def parameter_counts(self) -> dict[str, int]:
-        return {"refiner": sum(p.numel() for p in self.refiner.parameters()),
-                "base": sum(p.numel() for p in self.base.parameters())}
-
-    @property
-    def phases(self) -> list[Phase]:
-        return [Phase(BASE, ("base",), BASE, ("refiner",)), Phase(REFINER, ("refiner",), REFINER, ("base",))]
 
     # ---- inference --------------------------------------------------------------------------------------------
 
@@ -400,11 +384,8 @@ class CascadePSP(UHRMethod):
 
     # ---- training ---------------------------------------------------------------------------------------------
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.phase is None:
-            raise MethodError("cascadepsp: call set_phase('base' or 'refiner') before forward_train")
-        if self.phase == BASE:
-            return self.base.forward_train(images, labels)
+    def refiner_loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """§6: a random present class's mask, perturbed to a random IoU, refined back to the ground truth."""
         x = self.normalize(images)
         segs, gts = [], []
         for b in range(images.shape[0]):

@@ -10,6 +10,11 @@ and no OCR head: its forward is not this network, only its ImageNet weights fit 
 Facts: the stem's two 3x3 convs have stride 1 (MagNet's `full_os`; the OCR gather needs the branch-0 maps at the input
 size); every bilinear resize uses align_corners=True; BN momentum 0.01 in the stem, blocks, transitions and fusions,
 PyTorch's 0.1 in the OCR and aux heads; `forward` returns (out + 0.4 aux) / 1.4, `forward(x, with_aux=True)` the pair.
+
+`HRNet` is the backbone alone, shared with SegFix (docs/specs/segfix.md §3: openseg.pytorch @ aefc755
+`lib/models/backbones/hrnet/hrnet_backbone.py:292-545`, `HighResolutionNet`): the same layout with the stem stride, BN
+momentum, layer1 depth and stage configuration as arguments. openseg's HRNet-W48 (`HRNET_W48`) has a stride-2 stem
+(output stride 4), 4 layer1 bottlenecks and BN momentum 0.1; its fusions and the returned branch list are as here.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ AUX_WEIGHT = 0.4  # the inference mix (out + 0.4 aux) / 1.4 and the training los
 
 # (modules, blocks per branch, channels per branch) of stages 2-4; stage 1 is `layer1`: 2 bottlenecks of width 64
 W18_SMALL_V2 = ((1, 2, (18, 36)), (3, 2, (18, 36, 72)), (2, 2, (18, 36, 72, 144)))
+# openseg `hrnet_config.py` HRNET_48 / HRNET_18 (layer1: 4 bottlenecks), docs/specs/segfix.md §3
+W48 = ((1, 4, (48, 96)), (4, 4, (48, 96, 192)), (3, 4, (48, 96, 192, 384)))
+W18 = ((1, 4, (18, 36)), (4, 4, (18, 36, 72)), (3, 4, (18, 36, 72, 144)))
 OCR_MID, OCR_KEY, OCR_DROPOUT = 512, 256, 0.05
 
 
@@ -32,18 +40,19 @@ def _up(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout, momentum=BN_MOMENTUM)]
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, relu: bool = True,
+             momentum: float = BN_MOMENTUM) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout, momentum=momentum)]
     return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(channels, momentum=momentum)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(channels, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,16 +64,16 @@ class Bottleneck(nn.Module):
     """ResNet bottleneck (expansion 4, stride 1, BN momentum 0.01; a 1x1 conv + BN shortcut when the width changes):
     HRNet's layer1 and MagNet's refiner (upstream base.py)."""
 
-    def __init__(self, cin: int, planes: int) -> None:
+    def __init__(self, cin: int, planes: int, momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(planes, momentum=momentum)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(planes, momentum=momentum)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4, momentum=BN_MOMENTUM)
+        self.bn3 = nn.BatchNorm2d(planes * 4, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None if cin == planes * 4 else _conv_bn(cin, planes * 4, 1, relu=False)
+        self.downsample = None if cin == planes * 4 else _conv_bn(cin, planes * 4, 1, relu=False, momentum=momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
@@ -78,21 +87,23 @@ class HRModule(nn.Module):
     to branch i (j > i: 1x1 conv + BN, then bilinear upsampling; j < i: i - j strided 3x3 conv + BN, ReLU between;
     j == i: None), summed and ReLU'd. Every output resolution is kept."""
 
-    def __init__(self, channels: Sequence[int], blocks: int) -> None:
+    def __init__(self, channels: Sequence[int], blocks: int, momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
         n = len(channels)
-        self.branches = nn.ModuleList(nn.Sequential(*(BasicBlock(c) for _ in range(blocks))) for c in channels)
+        self.branches = nn.ModuleList(nn.Sequential(*(BasicBlock(c, momentum) for _ in range(blocks)))
+                                      for c in channels)
         fuse = []
         for i in range(n):
             row: list[nn.Module | None] = []
             for j in range(n):
                 if j > i:
-                    row.append(_conv_bn(channels[j], channels[i], 1, relu=False))
+                    row.append(_conv_bn(channels[j], channels[i], 1, relu=False, momentum=momentum))
                 elif j == i:
                     row.append(None)
                 else:
                     row.append(nn.Sequential(*(_conv_bn(channels[j], channels[i] if k == i - j - 1 else channels[j], 3,
-                                                        2, relu=k < i - j - 1) for k in range(i - j))))
+                                                        2, relu=k < i - j - 1, momentum=momentum)
+                                               for k in range(i - j))))
             fuse.append(nn.ModuleList(row))
         self.fuse_layers = nn.ModuleList(fuse)
         self.relu = nn.ReLU(inplace=True)
@@ -161,32 +172,62 @@ def class_centres(feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.matmul(probs, feats.view(b, feats.shape[1], -1).permute(0, 2, 1)).permute(0, 2, 1).unsqueeze(3)
 
 
-class HRNetOCR(nn.Module):
-    """HRNetV2-W18-Small-v2 (default `stages`) with a stride-1 stem and the OCR head; logits at the input size."""
+class HRNet(nn.Module):
+    """The HRNet backbone: stem (two 3x3 convs + BN + ReLU at `stem_stride` each), `layer1` (bottlenecks to width
+    256), then per stage a transition (a 3x3 conv + BN + ReLU where a kept branch changes width; a chain of strided
+    ones from the coarsest branch for a new branch) and its HRModules. `branches(x)` returns the last stage's maps,
+    finest first; `features(x)` those maps resized to branch 0 and concatenated (width `sum(stages[-1][2])`)."""
 
-    def __init__(self, num_classes: int, stages=W18_SMALL_V2, stem_width: int = 64, layer1_blocks: int = 2) -> None:
+    def __init__(self, stages=W18_SMALL_V2, stem_width: int = 64, layer1_blocks: int = 2, stem_stride: int = 1,
+                 bn_momentum: float = BN_MOMENTUM) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, stem_width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem_width, momentum=BN_MOMENTUM)
-        self.conv2 = nn.Conv2d(stem_width, stem_width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(stem_width, momentum=BN_MOMENTUM)
+        self.conv1 = nn.Conv2d(3, stem_width, 3, stem_stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width, momentum=bn_momentum)
+        self.conv2 = nn.Conv2d(stem_width, stem_width, 3, stem_stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(stem_width, momentum=bn_momentum)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = nn.Sequential(*(Bottleneck(stem_width if i == 0 else 4 * 64, 64) for i in range(layer1_blocks)))
+        self.layer1 = nn.Sequential(*(Bottleneck(stem_width if i == 0 else 4 * 64, 64, bn_momentum)
+                                      for i in range(layer1_blocks)))
         previous = [4 * 64]
         for s, (modules, blocks, channels) in enumerate(stages, start=2):
             transition: list[nn.Module | None] = []
             for i, c in enumerate(channels):
                 if i < len(previous):  # same resolution: a 3x3 conv where the width changes
-                    transition.append(_conv_bn(previous[i], c, 3) if previous[i] != c else None)
+                    transition.append(_conv_bn(previous[i], c, 3, momentum=bn_momentum) if previous[i] != c else None)
                 else:  # a new, coarser branch from the coarsest one
                     steps = i + 1 - len(previous)
                     transition.append(nn.Sequential(*(_conv_bn(previous[-1], c if k == steps - 1 else previous[-1],
-                                                               3, 2) for k in range(steps))))
+                                                               3, 2, momentum=bn_momentum) for k in range(steps))))
             setattr(self, f"transition{s - 1}", nn.ModuleList(transition))
-            setattr(self, f"stage{s}", nn.Sequential(*(HRModule(channels, blocks) for _ in range(modules))))
+            setattr(self, f"stage{s}", nn.Sequential(*(HRModule(channels, blocks, bn_momentum)
+                                                       for _ in range(modules))))
             previous = list(channels)
         self.num_stages = len(stages)
-        width = sum(previous)
+        self.out_channels = sum(previous)
+
+    def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        xs = [self.layer1(x)]
+        for s in range(2, self.num_stages + 2):
+            # a kept branch reads its own map, a new one the coarsest
+            inputs = [xs[min(i, len(xs) - 1)] for i in range(len(getattr(self, f"transition{s - 1}")))]
+            xs = [x if t is None else t(x) for t, x in zip(getattr(self, f"transition{s - 1}"), inputs, strict=True)]
+            xs = getattr(self, f"stage{s}")(xs)
+        return xs
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The branches upsampled to branch 0 and concatenated: (B, 270, H, W) for W18-small at a stride-1 stem."""
+        xs = self.branches(x)
+        size = xs[0].shape[-2:]
+        return torch.cat([xs[0], *(_up(x, size) for x in xs[1:])], 1)
+
+
+class HRNetOCR(HRNet):
+    """HRNetV2-W18-Small-v2 (default `stages`) with a stride-1 stem and the OCR head; logits at the input size."""
+
+    def __init__(self, num_classes: int, stages=W18_SMALL_V2, stem_width: int = 64, layer1_blocks: int = 2) -> None:
+        super().__init__(stages, stem_width, layer1_blocks, stem_stride=1, bn_momentum=BN_MOMENTUM)
+        width = self.out_channels
         self.conv3x3_ocr = nn.Sequential(nn.Conv2d(width, OCR_MID, 3, padding=1), nn.BatchNorm2d(OCR_MID),
                                          nn.ReLU(inplace=True))
         self.ocr_distri_head = SpatialOCR(OCR_MID, OCR_KEY, OCR_DROPOUT)
@@ -206,18 +247,6 @@ class HRNetOCR(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The four branches upsampled to branch 0 (the input size) and concatenated: (B, 270, H, W) for W18."""
-        x = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
-        xs = [self.layer1(x)]
-        for s in range(2, self.num_stages + 2):
-            # a kept branch reads its own map, a new one the coarsest
-            inputs = [xs[min(i, len(xs) - 1)] for i in range(len(getattr(self, f"transition{s - 1}")))]
-            xs = [x if t is None else t(x) for t, x in zip(getattr(self, f"transition{s - 1}"), inputs, strict=True)]
-            xs = getattr(self, f"stage{s}")(xs)
-        size = xs[0].shape[-2:]
-        return torch.cat([xs[0], *(_up(x, size) for x in xs[1:])], 1)
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
         size = x.shape[-2:]
@@ -240,16 +269,16 @@ class HRNetOCR(nn.Module):
                 "cls_head": count(self.cls_head)}
 
 
-def load_imagenet(net: HRNetOCR, pretrained: bool | str) -> list[str]:
+def load_imagenet(net: HRNet, pretrained: bool | str, timm_name: str = "hrnet_w18_small_v2") -> list[str]:
     """ImageNet initialisation merged by name (as the HRNet-Seg trainer does): `pretrained` a state-dict file in the
     HRNet-Image-Classification / timm layout (`model.` stripped, `last_layer` -> `aux_head`), or True for timm's
-    `hrnet_w18_small_v2` weights (downloaded by timm). Tensors whose name and shape match are copied; returns their
+    `timm_name` weights (downloaded by timm). Tensors whose name and shape match are copied; returns their
     names. Raises ValueError when nothing matches."""
     if pretrained is True:
         import timm
 
-        state = timm.create_model("hrnet_w18_small_v2", pretrained=True).state_dict()
-        source = "timm hrnet_w18_small_v2"
+        state = timm.create_model(timm_name, pretrained=True).state_dict()
+        source = f"timm {timm_name}"
     else:
         if not os.path.isfile(str(pretrained)):
             raise ValueError(f"ImageNet HRNet file {pretrained} does not exist")

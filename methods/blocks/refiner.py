@@ -1,6 +1,7 @@
 """Refiners composed with a base method (`base:` in params; DESIGN: "one base + refiner pipeline, timed end to end"):
 the base is any registered one-phase method, built here from its name and keywords. Phase `base` trains it with its
-own loss; phase `refiner` trains the refiner (`self.refiner`) with the base frozen in eval mode."""
+own loss; phase `refiner` trains the refiner (`self.refiner`) with the base frozen in eval mode, and is left out when
+the refiner has no parameters (DenseCRF)."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,8 @@ BASE, REFINER = "base", "refiner"
 
 
 class BaseRefiner(UHRMethod):
-    """Subclasses build `self.refiner` and implement `refiner_loss` and `predict`."""
+    """Subclasses build `self.refiner` and implement `predict`, and `refiner_loss` when the refiner has parameters
+    (one without trains in phase `base` only)."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, base: str = "global",
                  base_model: dict | None = None) -> None:
@@ -26,7 +28,10 @@ class BaseRefiner(UHRMethod):
 
     @property
     def phases(self) -> list[Phase]:
-        return [Phase(BASE, ("base",), BASE, ("refiner",)), Phase(REFINER, ("refiner",), REFINER, ("base",))]
+        base = Phase(BASE, ("base",), BASE, ("refiner",))
+        if not any(True for _ in self.refiner.parameters()):
+            return [base]  # a training-free refiner (DenseCRF): only the base trains
+        return [base, Phase(REFINER, ("refiner",), REFINER, ("base",))]
 
     def parameter_counts(self) -> dict[str, int]:
         return {"refiner": sum(p.numel() for p in self.refiner.parameters()),

@@ -115,7 +115,7 @@ def test_isdnet_table_published_vs_ours(store):
     assert gl["FPS (ours)"] == "not measured (no measure run)" and gl["FPS Δ (ours − published)"] == ""
     fcn = rows.loc[("Local inference", "FCN-8s")]
     assert fcn["mIoU (ours)"] == fcn["FPS (ours)"] == fcn["memory (MB) (ours)"] == "not measured (no fcn8s-local run)"
-    assert rows.loc[("UHR methods", "PointRend"), "mIoU (ours)"] == "published only"  # no method of ours is PointRend
+    assert rows.loc[("UHR methods", "PointRend"), "mIoU (ours)"] == "not measured (no pointrend run)"
     fast = rows.loc[("UHR methods", "MagNet-Fast"), "mIoU (ours)"]  # a knob setting of the magnet run
     assert fast == "not measured (no magnet patches=3 points=0.9 run)"
     assert (fcn["mIoU (published)"], fcn["FPS (published)"]) == ("62.43", "4.55")  # ISDNet's, not a later copy
@@ -224,7 +224,7 @@ def test_tables_command_writes_every_format(store, tmp_path):
         assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex"} <= set(names)
     md = (out / "paper_isdnet_deepglobe.md").read_text()
     assert md.startswith("# ISDNet (CVPR'22) Table 1: DeepGlobe test")
-    assert "| ISDNet " in md and "| 73.30 " in md and "| +0.70 " in md and "published only" in md
+    assert "| ISDNet " in md and "| 73.30 " in md and "| +0.70 " in md and "(no pointrend run)" in md
     assert "run " in md and "commit abc1234" in md and "Test GPU" in md and "0.8x" in md
     assert "Published: ISDNet, CVPR 2022: RTX 2080Ti" in md
     tex = (out / "paper_isdnet_cityscapes.tex").read_text()

@@ -5,6 +5,7 @@ normalisation, so timing `predict` times everything inference needs and nothing 
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -300,8 +301,19 @@ def register_method(cls: type[UHRMethod] | None = None, *, aliases: tuple[str, .
     return wrap(cls) if cls is not None else wrap
 
 
+SEED_SUFFIX = re.compile(r"@seed(\d+)$")  # `<run>@seed<N>`: the same run trained with seed N (benchmark.extra_seeds)
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """'glnet@seed2' -> ('glnet', 2); 'glnet' -> ('glnet', None)."""
+    match = SEED_SUFFIX.search(name)
+    return (name[:match.start()], int(match.group(1))) if match else (name, None)
+
+
 def split_variant(name: str) -> tuple[str, Variant | None]:
-    """'unet-local' -> ('unet', its Variant); 'isdnet' -> ('isdnet', None); aliases resolved."""
+    """'unet-local' -> ('unet', its Variant); 'isdnet' -> ('isdnet', None); aliases resolved; a seed suffix
+    ('unet-local@seed1') is left out."""
+    name = split_seed(name)[0]
     if name in _REGISTRY:
         return name, None
     if name in _ALIASES:
@@ -316,9 +328,11 @@ def split_variant(name: str) -> tuple[str, Variant | None]:
 
 
 def resolve_method_name(name: str) -> str:
-    """The canonical run name: a registered name, or `<method>-<variant>` for a variant (aliases resolved)."""
+    """The canonical run name: a registered name, or `<method>-<variant>` for a variant (aliases resolved), with its
+    seed suffix `@seed<N>` if it has one."""
     base, variant = split_variant(name)
-    return base if variant is None else f"{base}-{variant.name}"
+    seed = split_seed(name)[1]
+    return (base if variant is None else f"{base}-{variant.name}") + ("" if seed is None else f"@seed{seed}")
 
 
 def method_class(name: str) -> type[UHRMethod]:

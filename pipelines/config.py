@@ -124,6 +124,16 @@ class Config:
     def seed(self) -> int:
         return int(self.raw.get("seed", 0))
 
+    def for_run(self, run: str) -> Config:
+        """The configuration a run trains with: `<method>@seed<N>` sets the seed to N (benchmark.extra_seeds)."""
+        from methods.base import split_seed
+
+        seed = split_seed(run)[1]
+        if seed is None or seed == self.seed:
+            return self
+        # validated already; only the seed differs (re-validating would refuse it as listed in extra_seeds)
+        return Config(raw={**self.raw, "seed": seed}, path=self.path, model_sets=self.model_sets)
+
     def _path(self, key: str, default: str) -> Path:
         return (self.root / self.raw.get(key, default)).resolve()
 
@@ -281,6 +291,8 @@ class Config:
         from methods import resolve_method_name
 
         method = resolve_method_name(method)
+        if self.for_run(method) is not self:
+            return self.for_run(method).resolved(method, dataset, trained)
         model = full_model_config(method, self.method_model(method, dataset))
         stored, source = trained or (model, "the model training will produce")
         trained = {**full_model_config(method, stored), **self.model_overrides(method)}
@@ -407,6 +419,9 @@ def validate(config: Config) -> None:
         Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_pydantic_line(exc, "") + f" (in {config.path.name} or a --set)") from None
+    if config.seed in (raw["benchmark"].get("extra_seeds") or []):
+        raise ConfigError(f"benchmark.extra_seeds lists {config.seed}, the seed every run already trains with "
+                          f"(`seed`); list only other seeds (in {config.path.name} or a --set)")
     known_datasets = list_datasets()
     for name in raw["benchmark"]["datasets"]:
         if name not in known_datasets:

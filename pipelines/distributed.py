@@ -96,6 +96,15 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return bool(tensor.item())
 
 
+def gather_lists(items: list, ctx: DistContext) -> list:
+    """Every rank's list concatenated (picklable items; small ones: per-image summaries, not tensors of pixels)."""
+    if not ctx.distributed:
+        return items
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     if not ctx.distributed:
         return value

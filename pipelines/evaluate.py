@@ -22,8 +22,16 @@ from methods import count_parameters, display_name, resolve_method_name
 from pipelines import distributed, tracking
 from pipelines.checkpoints import load_official_model, load_trained
 from pipelines.config import Config, variant_label
-from pipelines.metrics import ConfusionMatrix, segmentation_scores
-from pipelines.paths import metrics_file
+from pipelines.metrics import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    ConfusionMatrix,
+    bootstrap_scores,
+    headline_class,
+    percentile_interval,
+    segmentation_scores,
+)
+from pipelines.paths import metrics_file, per_image_file
 from pipelines.plots import confusion_figure
 
 PANEL_MAX_SIDE = 768  # prediction panels are downscaled to keep artifacts small
@@ -74,6 +82,7 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
                  if o.kind == "logits"}
     maps = {o.name: MapStats(o.name, info.fine_classes) for o in model.outputs if o.kind == "uncertainty"}
     panels: list[tuple[str, Image.Image]] = []
+    per_image: list[tuple[int, str, torch.Tensor]] = []  # (index, id, matrix): intervals need no re-inference
     sizes: set[tuple[int, int]] = set()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -85,7 +94,10 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
             logits = model.predict_tiled(batch, tile, overlap) if tile else model.predict(batch)
             prediction = logits.argmax(1)[0]
             del logits
-            matrix.update(prediction, label.to(dev))
+            image_matrix = ConfusionMatrix(info.num_classes, info.ignore_index, dev)
+            image_matrix.update(prediction, label.to(dev))
+            matrix.matrix += image_matrix.matrix
+            per_image.append((index, image_id, image_matrix.matrix.cpu()))
             for name, other in secondary.items():
                 other.update(model.predict_output(batch, name).argmax(1)[0], label.to(dev))
             drawn = len(panels) < num_panels
@@ -98,6 +110,7 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
                     panels.append((f"{image_id}_{name}", uncertainty_panel(values)))
     for m in (matrix, *secondary.values()):
         m.all_reduce()
+    per_image = distributed.gather_lists(per_image, ctx)
     for stats in maps.values():
         stats.all_reduce(ctx)
     if int(matrix.matrix.sum()) == 0:  # no score exists; never write NaN as a headline
@@ -108,10 +121,14 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
     if not ctx.is_primary:
         return {}
     scores = segmentation_scores(matrix.matrix, info.class_names, info.counted_classes)
+    stacked = np.stack([m.numpy() for _, _, m in sorted(per_image, key=lambda item: item[0])])
+    low, high = percentile_interval(bootstrap_scores(stacked, info.counted_classes, headline_class(info)))
     env = tracking.environment_info(dev)
     result = {
         "dataset": dataset, "method": method, "split": split, "images": len(data),
         "headline": info.headline, "headline_value": headline_value(scores, info.headline),
+        # 95% bootstrap interval over test images (pipelines/metrics.py): how far the score moves with the images
+        "headline_ci95": [low, high], "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
         **scores,
         "fine_classes": [info.class_names[c] for c in info.fine_classes],
         "params_m": count_parameters(model) / 1e6,
@@ -135,13 +152,15 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
     result["variant"] = variant or "default"
     with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
                               tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", ""),
-                                    "variant": result["variant"]}, device=dev.type) as run:
+                                    "variant": result["variant"], "seed": str(checkpoint.get("seed", ""))},
+                              device=dev.type) as run:
         run.tags({f"env.{k}": v for k, v in env.items()})
         run.dataset(config.data_root / dataset, dataset, split, "evaluation")
         run.params({"split": split, "precision": "fp32", "input_size": ",".join(result["input_size"]),
                     "tile": result["tile"], **{f"model.{k}": v for k, v in model_cfg.items()}})
         metrics = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
-                   "params_m": result["params_m"], "headline": result["headline_value"]}
+                   "params_m": result["params_m"], "headline": result["headline_value"],
+                   "headline_ci_low": low, "headline_ci_high": high}
         metrics.update({f"iou.{name}": v for name, v in scores["iou"].items() if v is not None})
         for stats in maps.values():
             metrics.update({k: v for k, v in stats.summary().items() if v is not None})
@@ -162,7 +181,19 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         run.artifact(out)
+        matrices = per_image_file(config, dataset, method, variant)
+        save_per_image(matrices, per_image, info.class_names)
+        run.artifact(matrices)
     return result
+
+
+def save_per_image(path: Path, per_image: list[tuple[int, str, torch.Tensor]], class_names) -> None:
+    """The per-image confusion matrices (N, C, C) int64 in split order, with the image ids: what bootstrap intervals
+    and paired comparisons resample (pipelines/metrics.py)."""
+    rows = sorted(per_image, key=lambda item: item[0])
+    np.savez_compressed(path, ids=np.array([image_id for _, image_id, _ in rows]),
+                        matrices=np.stack([m.numpy() for _, _, m in rows]).astype(np.int64),
+                        classes=np.array(list(class_names)))
 
 
 class MapStats:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -69,3 +70,94 @@ def segmentation_scores(matrix: torch.Tensor, class_names: tuple[str, ...] | lis
 
 def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
+
+
+# Intervals over test images (issue "numbers a reviewer can trust"): resample the per-image confusion matrices with
+# replacement and score each resample at dataset level (summed matrix -> IoU), never as a mean of per-image scores.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def headline_from_matrices(matrices: np.ndarray, counted_classes, headline_class: int | None = None) -> np.ndarray:
+    """Dataset-level headline of each summed matrix in `matrices` (..., C, C): the nan-mean IoU over
+    `counted_classes` (as `segmentation_scores`), or one class's IoU when `headline_class` is given."""
+    m = np.asarray(matrices, dtype=np.float64)
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-1) + m.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1.0), np.nan)
+    if headline_class is not None:
+        return iou[..., headline_class]
+    counted = iou[..., list(counted_classes)]
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(counted, axis=-1) if counted.size else np.full(counted.shape[:-1], np.nan)
+
+
+def headline_class(info) -> int | None:
+    """The class whose IoU is the dataset's headline (Inria's `iou:building`), None for mIoU."""
+    if info.headline.startswith("iou:"):
+        return list(info.class_names).index(info.headline.split(":", 1)[1])
+    return None
+
+
+def bootstrap_weights(num_images: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(resamples, num_images) counts: how often each image is drawn in each resample (n draws with replacement).
+    The same weights for two methods make the resamples paired."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, num_images, size=(resamples, num_images))
+    return np.stack([np.bincount(row, minlength=num_images) for row in draws])
+
+
+def bootstrap_scores(per_image: np.ndarray, counted_classes, headline_class: int | None = None,
+                     weights: np.ndarray | None = None) -> np.ndarray:
+    """The headline of each bootstrap resample of the per-image matrices (N, C, C)."""
+    per_image = np.asarray(per_image, dtype=np.int64)
+    if weights is None:
+        weights = bootstrap_weights(len(per_image))
+    summed = np.tensordot(weights, per_image, axes=(1, 0))  # (resamples, C, C), exact in int64
+    return headline_from_matrices(summed, counted_classes, headline_class)
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap samples (NaN resamples left out)."""
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.nanpercentile(samples, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def seeds_interval(per_image_by_seed: list[np.ndarray], counted_classes, headline_class: int | None = None,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Interval over test images of the mean headline of several seeds' models (each (N, C, C), same images): each
+    resample draws the same images for every seed, scores each seed at dataset level, and averages the seeds."""
+    weights = bootstrap_weights(len(per_image_by_seed[0]))
+    samples = np.mean([bootstrap_scores(m, counted_classes, headline_class, weights) for m in per_image_by_seed],
+                      axis=0)
+    return percentile_interval(samples, level)
+
+
+def paired_difference(per_image_a, per_image_b, counted_classes, headline_class: int | None = None,
+                      level: float = 0.95) -> dict:
+    """Paired bootstrap of headline(A) - headline(B) over the same test images (same resamples for both): the
+    observed difference, its interval, and whether the interval excludes 0 (the difference is significant). A and B
+    are each one (N, C, C) array or a list of them, one per seed (then each side is the mean over its seeds)."""
+    a_seeds, b_seeds = _seed_list(per_image_a), _seed_list(per_image_b)
+    shapes = {m.shape for m in a_seeds + b_seeds}
+    if len(shapes) != 1:
+        raise ValueError(f"per-image matrices differ in shape: {sorted(shapes)}")
+    weights = bootstrap_weights(len(a_seeds[0]))
+
+    def mean_scores(seeds: list[np.ndarray]) -> np.ndarray:
+        return np.mean([bootstrap_scores(m, counted_classes, headline_class, weights) for m in seeds], axis=0)
+
+    def observed(seeds: list[np.ndarray]) -> float:
+        return float(np.mean([headline_from_matrices(m.sum(0), counted_classes, headline_class) for m in seeds]))
+
+    low, high = percentile_interval(mean_scores(a_seeds) - mean_scores(b_seeds), level)
+    return {"difference": observed(a_seeds) - observed(b_seeds), "low": low, "high": high,
+            "significant": bool(low > 0 or high < 0)}
+
+
+def _seed_list(per_image) -> list[np.ndarray]:
+    if isinstance(per_image, np.ndarray) and per_image.ndim == 3:
+        return [per_image.astype(np.int64)]
+    return [np.asarray(m, dtype=np.int64) for m in per_image]

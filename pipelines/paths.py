@@ -23,6 +23,11 @@ def metrics_file(config: Config, dataset: str, method: str, variant: str = "") -
     return config.results_root / "metrics" / dataset / f"{_suffixed(method, variant)}.json"
 
 
+def per_image_file(config: Config, dataset: str, method: str, variant: str = "") -> Path:
+    """The evaluation's per-image confusion matrices (npz), beside its scores."""
+    return config.results_root / "metrics" / dataset / f"{_suffixed(method, variant)}.per_image.npz"
+
+
 def measure_file(config: Config, dataset: str, method: str, variant: str = "") -> Path:
     return config.results_root / "measure" / dataset / f"{_suffixed(method, variant)}.json"
 

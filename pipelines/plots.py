@@ -42,8 +42,10 @@ def our_points(ours: dict) -> list[dict]:
         miou, fps = _number(row["headline"]), _number(row["fps"])
         if miou is None or fps is None:
             continue
+        low, high = (_number(v) for v in row.get("ci95", (None, None)))
         out.append({"label": published.settings_label(method, settings, display_name(method)), "miou": miou,
-                    "fps": fps, "memory": _number(row["memory"]), "source": "ours"})
+                    "fps": fps, "memory": _number(row["memory"]), "source": "ours",
+                    "ci95": (low, high) if low is not None and high is not None else None})
     return out
 
 
@@ -192,6 +194,12 @@ def accuracy_figure(panels: dict[str, list[dict]]):
                 ax.scatter([p["fps"] for p in sub], [p["miou"] for p in sub], s=[_size(p["memory"]) for p in sub],
                            marker=style[source], edgecolors=colour, linewidths=1.2,
                            facecolors=colour if known else "none", alpha=0.75)
+                bars = [p for p in sub if p.get("ci95")]
+                if bars:  # 95% bootstrap interval over the test images (pipelines/metrics.py)
+                    below = [p["miou"] - p["ci95"][0] for p in bars]
+                    above = [p["ci95"][1] - p["miou"] for p in bars]
+                    ax.errorbar([p["fps"] for p in bars], [p["miou"] for p in bars], yerr=[below, above], fmt="none",
+                                ecolor=colour, elinewidth=1.0, capsize=3, alpha=0.75)
                 handles.append(Line2D([], [], linestyle="none", marker=style[source], markersize=6,
                                       markeredgecolor=colour, markerfacecolor=colour if known else "none",
                                       label=source + ("" if known else " (memory unknown)")))
@@ -216,8 +224,9 @@ def accuracy_figure(panels: dict[str, list[dict]]):
             ax.text(0.5, 0.5, "no points", transform=ax.transAxes, ha="center")
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    fig.text(0.01, 0.005, "Published FPS are not hardware-normalised and most likely at 0.8x input; "
-             "published memory definitions differ (results/README.md).", fontsize=7)
+    fig.text(0.01, 0.005, "Error bars: 95% bootstrap interval over the test images. Published FPS are not "
+             "hardware-normalised and most likely at 0.8x input; published memory definitions differ "
+             "(results/README.md).", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     texts = {}
     for ax, dataset in drawn_axes:  # after the layout: labels are placed in display space

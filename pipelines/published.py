@@ -57,6 +57,65 @@ def knobs_of(method: str):
         return ()
 
 
+def seed_groups(runs: pd.DataFrame) -> list[pd.DataFrame]:
+    """The latest finished run of each seed, grouped per (method, variant), newest group first: one group is one
+    row of a table, its runs the seeds averaged there (tracking.finished_runs adds `seed`)."""
+    if runs.empty:
+        return []
+    runs = runs.drop_duplicates(subset=["tags.method", "variant", "seed"], keep="first")
+    order = runs.drop_duplicates(subset=["tags.method", "variant"], keep="first")
+    return [runs[(runs["tags.method"] == row["tags.method"]) & (runs["variant"] == row["variant"])]
+            for _, row in order.iterrows()]
+
+
+def seed_mean(group: pd.DataFrame, metric: str) -> tuple[float | None, float | None]:
+    """(mean, sample std) of one metric over a group's seeds, in %; std None with one seed."""
+    values = [100.0 * float(v) for v in group.get(f"metrics.{metric}", pd.Series(dtype=float)) if measured(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = float(pd.Series(values).std(ddof=1)) if len(values) > 1 else None
+    return round(mean, 2), (None if std is None else round(std, 2))
+
+
+PER_IMAGE_SUFFIX = ".per_image.npz"  # evaluate's per-image confusion matrices (an artifact of each evaluation)
+
+
+def per_image_matrices(run_ids: list[str]) -> list[tuple[tuple[str, ...], object]] | None:
+    """(image ids, (N, C, C) matrices) of each evaluation run, None when one of them has no per-image artifact."""
+    import tempfile
+
+    import numpy as np
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run_id in run_ids:
+            path = tracking.download_artifact(run_id, PER_IMAGE_SUFFIX, Path(tmp) / run_id)
+            if path is None:
+                return None
+            with np.load(path) as data:
+                out.append((tuple(data["ids"].tolist()), data["matrices"]))
+    return out
+
+
+def seed_interval(group: pd.DataFrame, dataset: str) -> tuple[float | None, float | None]:
+    """The 95% bootstrap interval (in %) over the test images of the group's headline: its run's logged interval
+    with one seed; with several, the interval of the mean over seeds, each resample of the images scoring every
+    seed's model on the same images (pipelines/metrics.py)."""
+    if len(group) == 1:
+        run = group.iloc[0]
+        return pct(run.get("metrics.headline_ci_low")), pct(run.get("metrics.headline_ci_high"))
+    from datasets import get_dataset
+    from pipelines.metrics import headline_class, seeds_interval
+
+    matrices = per_image_matrices(list(group["run_id"]))
+    if matrices is None or len({ids for ids, _ in matrices}) != 1:
+        return None, None
+    info = get_dataset(dataset).info
+    low, high = seeds_interval([m for _, m in matrices], info.counted_classes, headline_class(info))
+    return pct(low), pct(high)
+
+
 def run_settings(run, method: str) -> Settings:
     """A run's knob values: from its variant tag (`k0.5`, a sweep point) or else its logged model config."""
     variant = str(run.get("variant", run.get("tags.variant", "")) or "")
@@ -124,12 +183,12 @@ def our_results(dataset: str) -> dict:
     if evals.empty:
         return {"runs": False, "rows": {}}
     evals = evals[~evals["variant"].str.startswith(ABLATION_VARIANT)]
-    evals = evals.drop_duplicates(subset=["tags.method", "variant"], keep="first")
     measures = tracking.finished_runs(dataset, "measure")
     if not measures.empty:
         measures = measures.drop_duplicates(subset=["tags.method", "variant"], keep="first")
     rows: dict = {}
-    for _, run in evals.iterrows():
+    for group in seed_groups(evals):
+        run = group.iloc[0]
         method = run["tags.method"]
         key = (method, run_settings(run, method))
         if key in rows:  # the default run and a sweep point of the same value: keep the newer (newest first)
@@ -137,7 +196,9 @@ def our_results(dataset: str) -> dict:
         hit = measures[(measures["tags.method"] == method) & (measures["variant"] == run["variant"])] \
             if not measures.empty else measures
         meas = hit.iloc[0] if not hit.empty else None
-        row = {"headline": pct(run.get("metrics.headline")), "run": run["run_id"][:8],
+        headline, std = seed_mean(group, "headline")
+        row = {"headline": headline, "headline_std": std, "seeds": len(group), "run": run["run_id"][:8],
+               "ci95": seed_interval(group, dataset),
                "commit": run.get("tags.git_commit", "") or "unknown", "profile": run.get("tags.profile", ""),
                "date": pd.Timestamp(run["start_time"]).strftime("%Y-%m-%d %H:%M UTC") if "start_time" in run else "",
                "device": run.get("tags.env.device_name", "") or "",

@@ -10,8 +10,9 @@ from datasets import get_dataset
 from methods import display_name
 from pipelines import plots, published, tracking
 from pipelines.config import Config, ConfigError
+from pipelines.metrics import headline_class, paired_difference
 from pipelines.paths import ablation_scores, measure_file, metrics_file
-from pipelines.tables import SUFFIX, format_table, pct, write_table
+from pipelines.tables import SUFFIX, format_table, interval_cell, write_table
 
 
 def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: bool = False,
@@ -34,8 +35,9 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
         runs = runs[runs["tags.method"].isin(methods)]
         if runs.empty:
             raise ConfigError(f"no finished evaluation of {', '.join(methods)} on '{dataset}'; run `dvc repro`")
-    if not run_ids and not all_runs:
-        runs = runs.drop_duplicates(subset=["tags.method", "variant"], keep="first")
+    # one row per method and variant: the latest run of each seed, averaged (one run per row when runs are chosen)
+    groups = [runs.loc[[index]] for index in runs.index] if run_ids or all_runs else published.seed_groups(runs)
+    several_seeds = any(len(group) > 1 for group in groups)
     measures = tracking.finished_runs(dataset, "measure")
     if not measures.empty:
         measures = measures.drop_duplicates(subset=["tags.method", "variant"], keep="first")
@@ -43,20 +45,26 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
     for method in runs["tags.method"].unique():
         knob_titles.update({k.name: k.title for k in published.knobs_of(method)})
     rows = []
-    for _, run in runs.iterrows():
+    for group in groups:
+        run = group.iloc[0]
         settings = dict(published.run_settings(run, run["tags.method"]))
         row = {"method": display_name(run["tags.method"]),
                **{title: settings.get(name, "") for name, title in knob_titles.items()}, "variant": run["variant"]}
-        row[_headline_name(info.headline)] = pct(run.get("metrics.headline"))
+        mean, std = published.seed_mean(group, "headline")
+        row[_headline_name(info.headline)] = mean
+        if several_seeds:
+            row["std (seeds)"] = "" if std is None else std
+            row["seeds"] = len(group)
+        row["95% CI"] = interval_cell(*published.seed_interval(group, dataset))
         if info.headline != "miou":
-            row["mIoU"] = pct(run.get("metrics.miou"))
+            row["mIoU"] = published.seed_mean(group, "miou")[0]
         measured = _measurement(measures, run["tags.method"], run["variant"])
         row.update({name: measured[name] for name in COMPACT})
         row["params (M)"] = round(float(run.get("metrics.params_m")), 2)
         row["device"] = run.get("tags.env.device_name", "")
         row["run"] = run["run_id"][:8]
         if per_class:
-            row.update({f"IoU {name}": pct(run.get(f"metrics.iou.{name}")) for name in info.class_names})
+            row.update({f"IoU {name}": published.seed_mean(group, f"iou.{name}")[0] for name in info.class_names})
             row.update({name: value for name, value in measured.items() if name not in COMPACT})
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(["method", "variant"], kind="stable").reset_index(drop=True)
@@ -70,6 +78,14 @@ MEASURED = {"FPS": "fps", "latency p50 (ms)": "latency_ms_median", "latency p90 
             "NVML peak (MiB)": "nvml_process_peak_mib", "torch peak alloc (MiB)": "torch_max_allocated_mib",
             "CPU RSS growth (MiB)": "rss_peak_growth_mib", "GMACs": "gmacs"}
 COMPACT = ("FPS", "latency p50 (ms)", "peak memory (MiB)", "GMACs")
+INTERVAL_NOTE = ("95% CI: bootstrap interval of the headline over the test images (1000 resamples of the per-image "
+                 "confusion matrices, scored at dataset level; with several seeds, of their mean; n/a: evaluated "
+                 "before per-image matrices were saved, evaluate again); significance_<dataset>.md compares methods "
+                 "pairwise.")
+SIGNIFICANCE_NOTE = ("Paired bootstrap over the test images (1000 resamples, the same images for A and B, each "
+                     "resample scored at dataset level from summed confusion matrices): a difference is significant "
+                     "when its 95% interval excludes 0. It says whether the test set separates the two trained models; "
+                     "seed-to-seed variation of training is not in it.")
 PEAK_MEMORY_NOTE = ("peak memory: the NVML per-process peak on a GPU (CUDA context included), the process RSS growth "
                     "on a CPU; latency p50 = median of the timed batch-1 calls, FPS = 1 / p50.")
 
@@ -99,6 +115,41 @@ def _peak_memory(measured: dict):
     return measured["NVML peak (MiB)"]
 
 
+def significance_table(dataset: str, methods: list[str] | None = None) -> pd.DataFrame:
+    """Every pair of methods (each one's latest default evaluation per seed) scored on the same test images: the
+    headline difference (of the means over seeds), its 95% paired-bootstrap interval (the same image resamples for
+    both), and whether the interval excludes zero. Pairs without per-image matrices, or on other images, say so."""
+    info = get_dataset(dataset).info
+    runs = tracking.finished_runs(dataset, "evaluate")
+    if runs.empty:
+        return pd.DataFrame()
+    runs = runs[runs["variant"] == "default"]
+    if methods is not None:
+        runs = runs[runs["tags.method"].isin(methods)]
+    seeds = {group.iloc[0]["tags.method"]: published.per_image_matrices(list(group["run_id"]))
+             for group in published.seed_groups(runs)}
+    rows = []
+    names = sorted(seeds, key=display_name)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            row = {"A": display_name(a), "B": display_name(b), "seeds (A, B)": ""}
+            images = {ids for side in (a, b) for ids, _ in (seeds[side] or [])}
+            if seeds[a] is None or seeds[b] is None:
+                row.update({"Δ (A − B)": "", "95% CI of Δ": "no per-image matrices: evaluate again",
+                            "significant": ""})
+            elif len(images) != 1:
+                row.update({"Δ (A − B)": "", "95% CI of Δ": "evaluated on different images", "significant": ""})
+            else:
+                diff = paired_difference([m for _, m in seeds[a]], [m for _, m in seeds[b]], info.counted_classes,
+                                         headline_class(info))
+                row.update({"seeds (A, B)": f"{len(seeds[a])}, {len(seeds[b])}",
+                            "Δ (A − B)": f"{100 * diff['difference']:+.2f}",
+                            "95% CI of Δ": f"{100 * diff['low']:+.2f} to {100 * diff['high']:+.2f}",
+                            "significant": "yes" if diff["significant"] else "no"})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _headline_name(headline: str) -> str:
     return "mIoU" if headline == "miou" else f"IoU {headline.split(':', 1)[1]} (headline)"
 
@@ -114,9 +165,14 @@ def compare_tables(config: Config) -> list[Path]:
         for fmt, table in (("md", compact), ("latex", compact), ("csv", full)):  # csv: every column
             path = out_dir / f"compare_{dataset}.{SUFFIX[fmt]}"
             text = format_table(table, fmt)
-            path.write_text(text + (f"\n- {PEAK_MEMORY_NOTE}\n- Per-class IoU: compare_{dataset}.csv.\n"
-                                    if fmt == "md" else ""))
+            notes = f"\n- {INTERVAL_NOTE}\n- {PEAK_MEMORY_NOTE}\n- Per-class IoU: compare_{dataset}.csv.\n"
+            path.write_text(text + (notes if fmt == "md" else ""))
             written.append(path)
+        significance = significance_table(dataset, config.benchmark_methods)
+        if not significance.empty:
+            written += write_table(significance, out_dir / f"significance_{dataset}",
+                                   f"{dataset}: which differences are real ({published.headline_label(dataset)})",
+                                   [SIGNIFICANCE_NOTE])
     return written
 
 
@@ -257,6 +313,9 @@ def write_readme(config: Config, written: list[Path], skipped: list[str] = ()) -
             source = published.ours_note(dataset, published.our_results(dataset))
         elif name.startswith("compare_"):
             what, source = "comparison of our methods", published.ours_note(dataset, published.our_results(dataset))
+        elif name.startswith("significance_"):
+            what = "which differences between our methods are real (paired bootstrap over test images)"
+            source = published.ours_note(dataset, published.our_results(dataset))
         else:  # an ablation table: <ablation id>_<dataset>
             method, table = next((m, t) for m, t, d in ablation_outputs(config)
                                  if name == f"{published.ablation_id(m, t)}_{d}")

@@ -20,6 +20,7 @@ from pydantic import (
     PositiveInt,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 
 
@@ -150,6 +151,16 @@ class Benchmark(_Block):
     methods: list[str]
     networks: list[str] = []  # generic networks, each run once per `inference` mode (`unet-global`, ...)
     inference: list[str] | None = None  # None: every variant of each network
+    # more seeds of each of `methods`: each trains and evaluates again as `<method>@seed<N>` (its own checkpoint
+    # folder, MLflow runs and DVC stages); tables show the mean and std over `seed` and these
+    extra_seeds: list[NonNegativeInt] = []
+
+    @field_validator("extra_seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"lists a seed twice: {seeds}; list distinct seeds, e.g. [1, 2]")
+        return seeds
 
 
 class Suite(_Block):

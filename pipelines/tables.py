@@ -45,6 +45,11 @@ def pct(value) -> float | None:
     return None if value is None or pd.isna(value) else round(100.0 * float(value), 2)
 
 
+def interval_cell(low, high) -> str:
+    """A 95% interval (in %), or n/a: a run from before evaluations saved per-image matrices (the note says so)."""
+    return f"{low:.2f}–{high:.2f}" if measured(low) and measured(high) else "n/a"
+
+
 def published_cell(value: float | None, text: str | None, digits: int) -> str:
     if text:
         return text

@@ -266,7 +266,28 @@ def finished_runs(dataset: str, stage: str):
     if not runs.empty:
         variant = runs["tags.variant"] if "tags.variant" in runs else pd.Series(index=runs.index, dtype=object)
         runs["variant"] = variant.fillna("default")
+        # `<method>@seed<N>` runs (benchmark.extra_seeds) are the same method trained with another seed: tables
+        # group them under the method; `seed` is -1 for the run with params.yaml's own seed
+        from methods.base import split_seed
+
+        split = runs["tags.method"].map(split_seed)
+        runs["run_name"] = runs["tags.method"]
+        runs["tags.method"] = split.map(lambda pair: pair[0])
+        runs["seed"] = split.map(lambda pair: -1 if pair[1] is None else pair[1])
     return runs
+
+
+def download_artifact(run_id: str, suffix: str, destination: Path) -> Path | None:
+    """The run's top-level artifact whose name ends with `suffix`, copied into `destination` (a folder); None when
+    the run has none."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small file is noise
+    mlflow = _mlflow()
+    names = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id) if a.path.endswith(suffix)]
+    if not names:
+        return None
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=names[0], dst_path=str(destination)))
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:

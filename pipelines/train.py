@@ -356,8 +356,10 @@ def train_phase(model: UHRMethod, phase, recipe: Recipe, samples: SeededSamples,
 
 
 def train(config: Config, dataset: str, method: str, device: str = "auto", workers: int | None = None) -> Path:
-    """Train `method` on `dataset` through all its phases; returns the final checkpoint path."""
+    """Train `method` on `dataset` through all its phases; returns the final checkpoint path. A run named
+    `<method>@seed<N>` trains with seed N into its own folder."""
     method = resolve_method_name(method)
+    config = config.for_run(method)
     info = get_dataset(dataset).info
     root = config.data_root / dataset
     read_meta(root)  # a clear error when the dataset is not prepared

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,7 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["uhrbench-synthetic"])
     tracked = [name for name in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-               if name not in ("prepare", "report") and not name.endswith("_generic")]
+               if name not in ("prepare", "report") and not name.endswith(("_generic", "_seed"))]  # no extra seeds
     stages = {f"{stage}@synthetic-{m}" for stage in tracked for m in methods[:-2]}
     stages |= {f"{stage}_generic@synthetic-{m}" for stage in tracked for m in methods[-2:]}
     assert set(runs["tags.dvc_stage"]) == stages
@@ -110,3 +111,16 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
     assert {"train_generic@synthetic-unet-global", "train_generic@synthetic-unet-local"} <= ran
     assert ran <= {"report"} | {f"{stage}_generic@synthetic-unet-{mode}" for stage in tracked
                                 for mode in ("global", "local")}
+
+    # more seeds: each method once more per seed as `<method>@seed<N>`, into its own folder; seed 0's runs stay done
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["benchmark"]["extra_seeds"] = [1]
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    listed = dvc(repo, env, "stage", "list", "--name-only").split()
+    assert {f"{stage}_seed@synthetic-{m}-1" for stage in ("train", "evaluate") for m in methods[:-2]} <= set(listed)
+    sixth = dvc(repo, env, "repro", "evaluate_seed@synthetic-global-1")
+    ran = {line.split("'")[1] for line in sixth.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train_seed@synthetic-global-1", "evaluate_seed@synthetic-global-1"}
+    checkpoint = torch.load(repo / "checkpoints" / "synthetic" / "global@seed1" / "final.pt", weights_only=False)
+    assert checkpoint["seed"] == 1
+    assert (repo / "results" / "metrics" / "synthetic" / "global@seed1.per_image.npz").is_file()

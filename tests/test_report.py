@@ -76,16 +76,17 @@ def test_compare_table_shows_k_and_not_measured(store):
     assert glnet["K"] == "" and glnet["FPS"] == "not measured" and glnet["mIoU"] == 65.0
     isdnet = table.iloc[1]
     assert isdnet["mIoU"] == 74.0 and isdnet["peak memory (MiB)"] == 2300.0 and isdnet["params (M)"] == 12.35
-    assert list(table.columns) == ["method", "K", "variant", "mIoU", "FPS", "latency p50 (ms)", "peak memory (MiB)",
-                                   "GMACs", "params (M)", "device", "run"]  # compact: no per-class IoU
+    assert list(table.columns) == ["method", "K", "variant", "mIoU", "95% CI", "FPS", "latency p50 (ms)",
+                                   "peak memory (MiB)", "GMACs", "params (M)", "device", "run"]  # no per-class IoU
+    assert glnet["95% CI"] == "n/a"  # a run from before per-image matrices were saved
     md = format_table(table, "md")
     assert "| rue      | 0.25 | k0.25" in md and "| glnet    |      | default" in md
-    assert max(len(line) for line in md.splitlines()) < 160
+    assert max(len(line) for line in md.splitlines()) < 175  # a terminal of 175 columns shows it unwrapped
     full = comparison_table("deepglobe", methods=["glnet", "isdnet", "rue"], per_class=True)
     csv = format_table(full, "csv").splitlines()
-    assert csv[0].startswith("method,K,variant,mIoU,FPS,latency p50 (ms),peak memory (MiB),GMACs,params (M),device,"
-                             "run,IoU unknown,IoU urban")
-    assert csv[1].startswith("glnet,,default,65.0,not measured")
+    assert csv[0].startswith("method,K,variant,mIoU,95% CI,FPS,latency p50 (ms),peak memory (MiB),GMACs,params (M),"
+                             "device,run,IoU unknown,IoU urban")
+    assert csv[1].startswith("glnet,,default,65.0,n/a,not measured")
     isd = full.iloc[1]
     assert isd["torch peak alloc (MiB)"] == 2000.0 and isd["NVML peak (MiB)"] == 2300.0
     assert isd["CPU RSS growth (MiB)"] == "unavailable"

@@ -211,8 +211,8 @@ def train(dataset: str, method: str, device: str, nproc: int, params: str | None
 @click.option("--method", required=True)
 @click.option("--split", default=None, help="default: evaluate.split in params.yaml")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--official", default=None, metavar="PATH",
-              help="score an upstream release's checkpoint (the official code's layout) instead of ours; the model "
+@click.option("--official", "--weights", "official", default=None, metavar="PATH",
+              help="score a checkpoint in the official code's layout (an upstream release) instead of ours; the model "
                    "is built with the method's configuration for this dataset (variant 'official')")
 @click.option("--params", default=None, help=PARAMS_HELP)
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)

@@ -182,3 +182,28 @@ def test_a_run_of_an_extra_seed_trains_with_it():
     assert config.for_run("glnet@seed2").seed == 2 and config.for_run("glnet").seed == config.seed
     assert config.for_run("glnet@seed2").params_hash("glnet", "synthetic") != config.params_hash("glnet", "synthetic")
     assert config.resolved("glnet@seed2", "synthetic")["seed"] == 2
+
+
+def test_the_same_weights_in_the_official_layout_score_the_same(tmp_path, tiny_synthetic, mlflow_store):
+    """`evaluate --weights FILE` (the official layout, `load_official`) and the evaluation of our own checkpoint
+    of the same weights give the same scores, image by image."""
+    from click.testing import CliRunner
+
+    from bench import cli
+    from pipelines.checkpoints import load_trained
+
+    params = tiny_params(tmp_path, tiny_synthetic, iterations=2)
+    shrink = ["schedules.generic_smoke.iterations=2"]  # segformer-b0 (mmseg's layout), the smallest with one
+    config = load_config(params, shrink)
+    train(config, "synthetic", "segformer-global")
+    ours = evaluate(config, "synthetic", "segformer-global")
+    model, _, _ = load_trained(config, "synthetic", "segformer-global", None, torch.device("cpu"))
+    model.save_official(str(tmp_path / "release.pth"))
+    out = CliRunner().invoke(cli, ["evaluate", "--dataset", "synthetic", "--method", "segformer-global", "--params",
+                                   str(params), "--set", shrink[0], "--weights", str(tmp_path / "release.pth")])
+    assert out.exit_code == 0, out.output
+    folder = tmp_path / "results" / "metrics" / "synthetic"
+    official = json.loads((folder / "segformer-global__official.json").read_text())
+    assert official["miou"] == ours["miou"] and official["weights"] == str((tmp_path / "release.pth").resolve())
+    assert (np.load(folder / "segformer-global__official.per_image.npz")["matrices"]
+            == np.load(folder / "segformer-global.per_image.npz")["matrices"]).all()

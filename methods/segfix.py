@@ -241,10 +241,6 @@ class SegFix(BaseRefiner):
                  for name in ("backbone", "mask_head", "dir_head")}
         return {**super().parameter_counts(), **parts}
 
-    def network_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels in the channel order the network reads (B, G, R with `bgr_input`, §4)."""
-        return self.normalize(images.flip(1) if self.bgr_input else images)
-
     # ---- inference (§5, §6) -------------------------------------------------------------------------------------
 
     def boundary_and_directions(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,13 @@ class BaseRefiner(UHRMethod):
             return [base]  # a training-free refiner (DenseCRF): only the base trains
         return [base, Phase(REFINER, ("refiner",), REFINER, ("base",))]
 
+    bgr_input = False  # set by refiners whose released weights read B, G, R (SegFix, detectron2's PointRend)
+
+    def network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels in the channel order the refiner's network reads: B, G, R with `bgr_input` (releases
+        trained on OpenCV-loaded images; the statistics then apply to those channels), else R, G, B."""
+        return self.normalize(images.flip(1) if self.bgr_input else images)
+
     def parameter_counts(self) -> dict[str, int]:
         return {"refiner": sum(p.numel() for p in self.refiner.parameters()),
                 "base": sum(p.numel() for p in self.base.parameters())}

@@ -31,16 +31,39 @@ times: x2 bilinear (align_corners False), the `subdivision_num_points` (8192) mo
 re-predicted by the point head (fine features and the ORIGINAL coarse logits at the cell centres, §10.5) and scattered
 in; then a bilinear resize to the image size (`sem_seg_postprocess`). Fine features are concatenated with `dim=1`
 (upstream omits it at inference, §10.6: the same with one feature map).
+
+Official checkpoint (§7, `load_official` / `save_official`): detectron2's released semantic model
+(`model_final_cf6ac1.pkl`, R-101 FPN Cityscapes, 19 classes) is a pickle of `{"model": {name: numpy array},
+"__author__": ...}` (`detection_checkpoint.py:70-77`), read here with an unpickler that admits numpy arrays only; a
+`.pth` / `torch.save` file `{"model": {name: tensor}}` is read as well (by content, not by suffix). Its `backbone.*`
+and `sem_seg_head.point_head.*` load into `refiner` (`bottom_up.stem.conv1` -> conv1/bn1, `res2..5.i` ->
+`layer1..4.i` with `convK` -> convK/bnK and `shortcut` -> downsample.0/.1, FrozenBN buffers -> our BN's); the
+release's coarse head `sem_seg_head.coarse_sem_seg_head.*` (the base replaces it), the p3-p5 outputs
+`backbone.fpn_output3..5` (ours builds only p2) and `pixel_mean/std` are reported `skipped`; any other missing,
+unexpected or mis-shaped key is a one-line error. The release is the MSRA layout (trap 10): stride 2 on the 1x1
+`conv1` of the first block of res3-res5 (STRIDE_IN_1X1) where timm puts it on the 3x3, and BGR input with mean
+[103.530, 116.280, 123.675], std 1 (§3). Loading it into timm's layout would run and be silently wrong, so it loads
+only into a model built with `stride_in_1x1: true` (which moves that stride; a bottleneck ResNet only), and runs as
+released with, in the model's params: `backbone: resnet101, stride_in_1x1: true, freeze_bn: true, bgr_input: true,
+pixel_mean: [103.530, 116.280, 123.675], pixel_std: [1, 1, 1]` (with `bgr_input` the statistics apply to the
+channels the network reads, B, G, R: detectron2's PIXEL_MEAN verbatim), 19 classes. `save_official` writes that
+`.pkl` layout (with `"stride_in_1x1"` recording where the stride sits; a file without it is detectron2's default,
+True), so a model trained here runs in detectron2 and round trips exactly.
 """
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Knob, MethodError, ParamCount, register_method
+from methods.base import Knob, LoadReport, MethodError, ParamCount, register_method
+from methods.blocks.backbones import read_state_dict
 from methods.blocks.fpn import fpn_trunk
 from methods.blocks.losses import resize_logits
 from methods.blocks.refiner import BaseRefiner
@@ -130,13 +153,30 @@ class StandardPointHead(nn.Module):
         return self.predictor(x)
 
 
+def move_stride_to_1x1(trunk: nn.Module, backbone: str) -> None:
+    """detectron2's STRIDE_IN_1X1 (MSRA layout, §2.1, `resnet.py:148-156`): the stride 2 of the first bottleneck of
+    layer2..layer4 moves from the 3x3 `conv2` (timm, torchvision) to the 1x1 `conv1`. A 1x1 conv with stride 2 and no
+    padding samples the same ceil(H / 2) positions as the 3x3 with padding 1, so the shapes stay; `conv2` keeps its
+    padding 1 and dilation 1 and now preserves the size."""
+    for name in ("layer2", "layer3", "layer4"):
+        block = getattr(trunk, name)[0]
+        conv1, conv2 = block.conv1, block.conv2
+        if not hasattr(block, "conv3") or conv1.kernel_size != (1, 1) or conv2.stride != (2, 2) \
+                or conv2.dilation != (1, 1) or not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
+            raise MethodError(f"pointrend: stride_in_1x1 needs a plain bottleneck ResNet (resnet50/101/152) whose "
+                              f"{name}[0] has stride 2 on its 3x3 conv; backbone '{backbone}' has not")
+        conv1.stride, conv2.stride = (2, 2), (1, 1)
+
+
 class PointRendRefiner(nn.Module):
     """ResNet trunk (timm, C2..C5) + detectron2's FPN top-down path to `p2` (§2.1) + the point head."""
 
     def __init__(self, num_classes: int, backbone: str, pretrained: bool | str, fpn_channels: int, fc_dim: int,
-                 freeze_bn: bool) -> None:
+                 freeze_bn: bool, stride_in_1x1: bool = False) -> None:
         super().__init__()
         self.trunk = fpn_trunk(backbone, pretrained, "pointrend")
+        if stride_in_1x1:
+            move_stride_to_1x1(self.trunk, backbone)
         if freeze_bn:
             from timm.layers import freeze_batch_norm_2d
 
@@ -170,6 +210,103 @@ class PointRendRefiner(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# detectron2's checkpoint layout (§7)
+
+RELEASE_AUTHOR = "uhrbench pointrend.save_official"  # "__author__": detectron2 then reads the names as they are
+# release keys ours does not hold, reported as skipped: the coarse head the base replaces, the p3-p5 outputs only
+# that head read, and the normalisation buffers older detectron2 files carry (its own loader ignores them)
+SKIPPED = re.compile(r"^(sem_seg_head\.coarse_sem_seg_head\.|backbone\.fpn_output[3-6]\.|pixel_(mean|std)$)")
+_D2_TO_OURS = (  # (detectron2 pattern, ours), on the names under `refiner.`; res{s} <-> layer{s - 1}
+    (r"backbone\.bottom_up\.stem\.conv1\.weight", "trunk.conv1.weight"),
+    (r"backbone\.bottom_up\.stem\.conv1\.norm\.(\w+)", r"trunk.bn1.\1"),
+    (r"backbone\.bottom_up\.res(?P<s>[2-5])\.(\d+)\.conv(\d)\.weight", r"trunk.layer{s}.\2.conv\3.weight"),
+    (r"backbone\.bottom_up\.res(?P<s>[2-5])\.(\d+)\.conv(\d)\.norm\.(\w+)", r"trunk.layer{s}.\2.bn\3.\4"),
+    (r"backbone\.bottom_up\.res(?P<s>[2-5])\.(\d+)\.shortcut\.weight", r"trunk.layer{s}.\2.downsample.0.weight"),
+    (r"backbone\.bottom_up\.res(?P<s>[2-5])\.(\d+)\.shortcut\.norm\.(\w+)", r"trunk.layer{s}.\2.downsample.1.\3"),
+    (r"backbone\.(fpn_lateral[2-5]|fpn_output2)\.(weight|bias)", r"\1.\2"),
+    (r"sem_seg_head\.point_head\.(\w+\.\w+)", r"point_head.\1"),
+)
+_OURS_TO_D2 = (
+    (r"trunk\.conv1\.weight", "backbone.bottom_up.stem.conv1.weight"),
+    (r"trunk\.bn1\.(\w+)", r"backbone.bottom_up.stem.conv1.norm.\1"),
+    (r"trunk\.layer(?P<s>[1-4])\.(\d+)\.conv(\d)\.weight", r"backbone.bottom_up.res{s}.\2.conv\3.weight"),
+    (r"trunk\.layer(?P<s>[1-4])\.(\d+)\.bn(\d)\.(\w+)", r"backbone.bottom_up.res{s}.\2.conv\3.norm.\4"),
+    (r"trunk\.layer(?P<s>[1-4])\.(\d+)\.downsample\.0\.weight", r"backbone.bottom_up.res{s}.\2.shortcut.weight"),
+    (r"trunk\.layer(?P<s>[1-4])\.(\d+)\.downsample\.1\.(\w+)", r"backbone.bottom_up.res{s}.\2.shortcut.norm.\3"),
+    (r"(fpn_lateral[2-5]|fpn_output2)\.(weight|bias)", r"backbone.\1.\2"),
+    (r"point_head\.(\w+\.\w+)", r"sem_seg_head.point_head.\1"),
+)
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...], stage_shift: int) -> str | None:
+    """`key` renamed by the first full match in `table` ({s}: the stage number shifted by `stage_shift`); None if
+    no pattern matches."""
+    for pattern, template in table:
+        match = re.fullmatch(pattern, key)
+        if match:
+            stage = match.groupdict().get("s")
+            return match.expand(template.replace("{s}", str(int(stage) + stage_shift)) if stage else template)
+    return None
+
+
+def detectron2_to_ours(key: str) -> str | None:
+    """A detectron2 name -> ours under `refiner.` (None: not a name of ours)."""
+    return _rename(key, _D2_TO_OURS, -1)
+
+
+def ours_to_detectron2(key: str) -> str | None:
+    """Ours (under `refiner.`) -> detectron2's name (None: not in its layout)."""
+    return _rename(key, _OURS_TO_D2, 1)
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays (a detectron2 / Detectron model-zoo `.pkl`) and nothing else: any other
+    global is refused, so a planted file cannot run code."""
+
+    ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+               ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        module = re.sub(r"^numpy\.core\b", "numpy._core", module)  # pickled by numpy 1.x
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not a numpy array")
+        return super().find_class(module, name)
+
+
+def read_detectron2_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state {name: tensor}, the file's other top-level entries) of a detectron2 checkpoint: a zip `torch.save`
+    file (`.pth`, `{"model": ...}` or a bare state dict, via `read_state_dict`) or a pickle of numpy arrays
+    (`.pkl`, `{"model": ..., "__author__": ...}`; one without `__author__` holds Caffe2 names, refused)."""
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError:
+        is_zip = False
+    if is_zip:  # `save_official` writes .pkl only: a .pth carries no stride_in_1x1 entry
+        return read_state_dict(path), {}
+    try:
+        with open(path, "rb") as handle:
+            raw = _NumpyUnpickler(handle, encoding="latin1").load()
+    except OSError as exc:
+        raise MethodError(f"pointrend: cannot read checkpoint '{path}': {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the same advice
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise MethodError(f"pointrend: cannot read '{path}' as a detectron2 checkpoint (a .pkl of numpy arrays or a "
+                          f"torch.save .pth): {first}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or not raw["model"]:
+        raise MethodError(f"pointrend: '{path}' holds no `model` dict of arrays (detectron2's .pkl layout)")
+    if "__author__" not in raw:
+        raise MethodError(f"pointrend: '{path}' has no `__author__`: a Caffe2 / Detectron1 file with Caffe2 names, "
+                          "not a detectron2 model-zoo file; convert it with detectron2 first")
+    state = {}
+    for key, value in raw["model"].items():
+        if not isinstance(value, np.ndarray):
+            raise MethodError(f"pointrend: '{path}' entry '{key}' is {type(value).__name__}, not a numpy array")
+        state[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return state, {k: v for k, v in raw.items() if k != "model"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the method
 
 @register_method
@@ -177,6 +314,7 @@ class PointRend(BaseRefiner):
     name = "pointrend"
     description = ("PointRend: point head on ResNet-FPN p2 features re-predicting the most uncertain points of a "
                    "base method's stride-4 logits over 2 subdivision steps (base: in params; CVPR 2020)")
+    official_scope = "refiner."  # the released file holds the point head and its features; the base trains here
     knobs = (Knob("subdivision_num_points", sweep=(8192, 2048, 32768), label="points",
                   bounds=(0.0, float("inf")), help="cells re-predicted per subdivision step (detectron2: 8192)"),)
     published = {"PointRend": {}}
@@ -192,8 +330,11 @@ class PointRend(BaseRefiner):
                  backbone: str = "resnet101", pretrained: bool | str = False, freeze_bn: bool = False,
                  fpn_channels: int = 256, fc_dim: int = 256, train_num_points: int = 2048,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, subdivision_steps: int = 2,
-                 subdivision_num_points: int = 8192) -> None:
+                 subdivision_num_points: int = 8192, stride_in_1x1: bool = False, bgr_input: bool = False) -> None:
         super().__init__(num_classes, ignore_index, base, base_model)
+        if stride_in_1x1 and pretrained:
+            raise MethodError("pointrend: stride_in_1x1 is the MSRA layout of detectron2's weights (load_official); "
+                              "timm's ImageNet weights (pretrained) put the stride on the 3x3: use one or the other")
         if oversample_ratio < 1:
             raise MethodError(f"pointrend: oversample_ratio must be >= 1 (official 3), got {oversample_ratio}")
         if not 0 <= importance_sample_ratio <= 1:
@@ -208,8 +349,9 @@ class PointRend(BaseRefiner):
         self.train_num_points, self.subdivision_steps = int(train_num_points), int(subdivision_steps)
         self.oversample_ratio, self.importance_sample_ratio = float(oversample_ratio), float(importance_sample_ratio)
         self.subdivision_num_points = int(subdivision_num_points)
+        self.stride_in_1x1, self.bgr_input = bool(stride_in_1x1), bool(bgr_input)
         self.refiner = PointRendRefiner(num_classes, backbone, pretrained, int(fpn_channels), int(fc_dim),
-                                        bool(freeze_bn))
+                                        bool(freeze_bn), self.stride_in_1x1)
 
     def parameter_counts(self) -> dict[str, int]:
         fpn = [m for n, m in self.refiner.named_children() if n.startswith("fpn_")]
@@ -237,7 +379,7 @@ class PointRend(BaseRefiner):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         coarse = self.coarse_logits(images)
-        p2, scale = self.refiner.p2(self.normalize(images))
+        p2, scale = self.refiner.p2(self.network_input(images))
         return resize_logits(self.refine_logits(coarse, p2, scale)[0], images.shape[-2:])
 
     def point_loss(self, coarse: torch.Tensor, p2: torch.Tensor, scale: torch.Tensor,
@@ -256,5 +398,51 @@ class PointRend(BaseRefiner):
     def refiner_loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             coarse = self.coarse_logits(images)
-        p2, scale = self.refiner.p2(self.normalize(images))
+        p2, scale = self.refiner.p2(self.network_input(images))
         return {"loss_point": self.point_loss(coarse, p2, scale, labels)}
+
+    # ---- official checkpoints (§7) ------------------------------------------------------------------------------
+
+    def load_official(self, path: str, strict: bool = True, stride_in_1x1: bool | None = None) -> LoadReport:
+        """detectron2's semantic PointRend checkpoint (`.pkl` or `.pth`, module docstring) into `refiner`; the base
+        keeps its own weights. The release's coarse head and p3-p5 outputs are `skipped`. `stride_in_1x1`: where the
+        file's ResNet has its stride, when the file does not say (None: the file's `stride_in_1x1` entry, else
+        detectron2's default True, the release's); it must match this model's (trap 10)."""
+        state, extra = read_detectron2_checkpoint(path)
+        assumed = stride_in_1x1 is None and "stride_in_1x1" not in extra
+        if stride_in_1x1 is None:
+            stride_in_1x1 = bool(extra.get("stride_in_1x1", True))
+        if stride_in_1x1 != self.stride_in_1x1:
+            where = ("the 1x1 conv1 (MSRA layout, detectron2 STRIDE_IN_1X1 True)", "the 3x3 conv2")
+            hint = "; the file does not say: detectron2's default assumed" if assumed else ""
+            raise MethodError(f"pointrend: {path} has the res3-res5 stride on {where[not stride_in_1x1]}{hint}, this "
+                              f"model on {where[not self.stride_in_1x1]}: build it with stride_in_1x1: "
+                              f"{str(stride_in_1x1).lower()} (spec §10 trap 10: it would run, silently wrong)")
+        mapped, skipped = {}, []
+        for key, value in state.items():
+            if SKIPPED.match(key):
+                skipped.append(key)
+                continue
+            ours = detectron2_to_ours(key)
+            mapped[key if ours is None else self.official_scope + ours] = value  # unmapped: `unexpected`, by name
+        for key, value in self.state_dict().items():  # FrozenBN keeps no batch counter: ours stay as they are
+            if key.startswith(self.official_scope) and key.endswith("num_batches_tracked") and key not in mapped:
+                mapped[key] = value
+        report = self.load_mapped_state(mapped, path, strict, self.official_scope)
+        report.skipped = sorted(skipped)
+        return report
+
+    def save_official(self, path: str) -> None:
+        """`refiner` as detectron2's `.pkl`: `{"model": {name: float32 numpy array}, "__author__", "stride_in_1x1"}`
+        (no BN counters: FrozenBN has none); the release's coarse head and p3-p5 outputs are absent (not ours)."""
+        model = {}
+        for key, value in self.refiner.state_dict().items():
+            if key.endswith("num_batches_tracked"):
+                continue
+            name = ours_to_detectron2(key)
+            if name is None:
+                raise MethodError(f"pointrend: '{key}' has no detectron2 name (backbone not a timm ResNet?); "
+                                  f"cannot write {path}")
+            model[name] = value.detach().cpu().float().numpy()
+        with open(path, "wb") as handle:
+            pickle.dump({"model": model, "__author__": RELEASE_AUTHOR, "stride_in_1x1": self.stride_in_1x1}, handle)

@@ -5,6 +5,8 @@ and bad settings."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -206,3 +208,180 @@ def test_bad_settings_are_one_line_errors(keywords, message):
     with pytest.raises(MethodError, match=message) as info:
         build_method("pointrend", 3, **{**SMALL, **keywords})
     assert "\n" not in str(info.value)
+
+
+# -- detectron2's checkpoint layout (§7, §10 trap 10) ----------------------------------------------------------------
+
+MSRA = {"backbone": "resnet50", "fpn_channels": 32, "fc_dim": 32, "freeze_bn": True, "stride_in_1x1": True}
+
+
+def msra(seed: int = 0, **keywords):
+    torch.manual_seed(seed)
+    return build_method("pointrend", 3, subdivision_num_points=64, **{**MSRA, **keywords}).eval()
+
+
+def one_line_error(call, *fragments):
+    with pytest.raises(MethodError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    return message
+
+
+def perturb_norms(model):
+    """Random FrozenBN statistics and scales (timm zero-inits each block's last BN scale, which would hide the
+    residual branches, and with them the stride and most of the mapping)."""
+    with torch.no_grad():
+        for name, value in [*model.refiner.named_buffers(), *model.refiner.named_parameters()]:
+            if name.endswith("running_mean") or (name.endswith(".bias") and value.dim() == 1):
+                value.uniform_(-0.3, 0.3)
+            elif name.endswith("running_var") or ("bn" in name or "downsample.1" in name) and name.endswith("weight"):
+                value.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A release-like model (norms perturbed, so a dropped or swapped buffer shows) and its .pkl."""
+    model = perturb_norms(msra(0, bgr_input=True))
+    path = tmp_path_factory.mktemp("d2") / "model_final.pkl"
+    model.save_official(str(path))
+    return model, path
+
+
+def test_official_round_trip_gives_identical_predictions(saved):
+    source, path = saved
+    target = msra(1, bgr_input=True)
+    report = target.load_official(str(path))
+    assert report.clean and not report.skipped and len(report.loaded) == len(target.refiner.state_dict())
+    target.base.load_state_dict(source.base.state_dict())  # the base is not in the file: trained here
+    images = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    assert torch.equal(target.predict(images), source.predict(images))
+
+
+def test_saved_file_has_detectron2_names_and_numpy_arrays(saved):
+    source, path = saved
+    with open(path, "rb") as handle:
+        data = pickle.load(handle)
+    assert "__author__" in data and data["stride_in_1x1"] is True  # __author__: detectron2 takes the names as they are
+    model = data["model"]
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in model.values())
+    trunk = source.refiner.trunk
+    expected = {"backbone.bottom_up.stem.conv1.weight": trunk.conv1.weight,
+                "backbone.bottom_up.stem.conv1.norm.running_mean": trunk.bn1.running_mean,
+                "backbone.bottom_up.res3.0.conv1.weight": trunk.layer2[0].conv1.weight,
+                "backbone.bottom_up.res3.0.conv2.norm.running_var": trunk.layer2[0].bn2.running_var,
+                "backbone.bottom_up.res3.0.conv3.norm.running_var": trunk.layer2[0].bn3.running_var,
+                "backbone.bottom_up.res3.0.shortcut.norm.running_var": trunk.layer2[0].downsample[1].running_var,
+                "backbone.bottom_up.res5.2.conv3.weight": trunk.layer4[2].conv3.weight,
+                "backbone.fpn_lateral2.bias": source.refiner.fpn_lateral2.bias,
+                "backbone.fpn_output2.weight": source.refiner.fpn_output2.weight,
+                "sem_seg_head.point_head.predictor.weight": source.refiner.point_head.predictor.weight}
+    for name, tensor in expected.items():
+        assert np.array_equal(model[name], tensor.detach().numpy()), name
+    assert not any("num_batches_tracked" in k or "coarse_sem_seg_head" in k for k in model)
+    # the release's layout (spec §7): one shortcut per stage, on block 0; 3 convs per bottleneck
+    assert sorted(k for k in model if "shortcut.weight" in k) == [
+        f"backbone.bottom_up.res{s}.0.shortcut.weight" for s in (2, 3, 4, 5)]
+
+
+def test_a_numpy_1_python_2_style_pickle_loads(saved, tmp_path):
+    """The release was pickled by numpy 1.x (`numpy.core.multiarray`) at protocol 2; numpy 2 names it `numpy._core`."""
+    source, path = saved
+    with open(path, "rb") as handle:
+        data = pickle.load(handle)
+    old = pickle.dumps(data, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in old
+    (tmp_path / "old.pkl").write_bytes(old)
+    target = msra(1)
+    assert target.load_official(str(tmp_path / "old.pkl")).clean
+    assert torch.equal(target.refiner.trunk.layer3[4].bn2.running_var, source.refiner.trunk.layer3[4].bn2.running_var)
+
+
+def test_release_extras_in_a_pth_are_reported_skipped(saved, tmp_path):
+    source, path = saved
+    with open(path, "rb") as handle:
+        model = {k: torch.from_numpy(v) for k, v in pickle.load(handle)["model"].items()}
+    extras = {"sem_seg_head.coarse_sem_seg_head.predictor.weight": torch.zeros(3, 128, 1, 1),
+              "sem_seg_head.coarse_sem_seg_head.p5.0.norm.weight": torch.ones(128),
+              "backbone.fpn_output3.weight": torch.zeros(32, 32, 3, 3)}
+    pth = tmp_path / "model_final.pth"
+    torch.save({"model": {**model, **extras}, "iteration": 65000}, pth)  # detectron2's own torch.save layout
+    target = msra(1)  # a .pth says nothing of the stride: detectron2's default, the MSRA layout
+    report = target.load_official(str(pth))
+    assert report.clean and report.skipped == sorted(extras)
+    assert torch.equal(target.refiner.point_head.fc2.weight, source.refiner.point_head.fc2.weight)
+
+
+def test_stride_in_1x1_moves_the_stride_and_changes_the_function():
+    moved, plain = perturb_norms(msra(0)), msra(0, stride_in_1x1=False)
+    for layer in ("layer2", "layer3", "layer4"):
+        block, reference = getattr(moved.refiner.trunk, layer)[0], getattr(plain.refiner.trunk, layer)[0]
+        assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1) and block.conv2.padding == (1, 1)
+        assert reference.conv1.stride == (1, 1) and reference.conv2.stride == (2, 2)
+    assert moved.refiner.trunk.layer1[0].conv1.stride == (1, 1)  # res2 keeps stride 1
+    plain.load_state_dict(moved.state_dict())  # the same weights, the stride elsewhere
+    x = torch.randn(1, 3, 70, 100)
+    with torch.no_grad():
+        (a, scale_a), (b, scale_b) = moved.refiner.p2(x), plain.refiner.p2(x)
+    assert a.shape == b.shape == (1, 32, 24, 32) and torch.equal(scale_a, scale_b)
+    assert not torch.allclose(a, b, atol=1e-3)
+    one_line_error(lambda: build_method("pointrend", 3, **{**SMALL, "stride_in_1x1": True}), "resnet18",
+                   "bottleneck")
+    one_line_error(lambda: build_method("pointrend", 3, **{**MSRA, "pretrained": True}), "stride_in_1x1")
+
+
+def test_msra_weights_do_not_load_into_the_timm_layout(saved, tmp_path):
+    _, path = saved
+    plain = msra(1, stride_in_1x1=False)
+    one_line_error(lambda: plain.load_official(str(path)), str(path), "stride_in_1x1: true", "trap 10")
+    timm_file = tmp_path / "timm_layout.pkl"
+    plain.save_official(str(timm_file))  # the file records stride_in_1x1 False: loads back into its own layout
+    assert msra(2, stride_in_1x1=False).load_official(str(timm_file)).clean
+    one_line_error(lambda: msra(2).load_official(str(timm_file)), str(timm_file), "stride_in_1x1: false")
+
+
+def test_mismatched_files_are_one_line_errors_naming_the_file(saved, tmp_path):
+    _, path = saved
+    with open(path, "rb") as handle:
+        data = pickle.load(handle)
+    cases = {"unexpected": {**data["model"], "backbone.fpn_lateral6.weight": np.zeros((32, 2048, 1, 1), np.float32)},
+             "mismatched": {**data["model"],
+                            "sem_seg_head.point_head.predictor.weight": np.zeros((19, 32, 1), np.float32)},
+             "missing": {k: v for k, v in data["model"].items() if k != "backbone.bottom_up.res4.5.conv2.weight"}}
+    names = {"unexpected": "backbone.fpn_lateral6.weight", "mismatched": "refiner.point_head.predictor.weight",
+             "missing": "refiner.trunk.layer3.5.conv2.weight"}
+    for kind, model in cases.items():
+        bad = tmp_path / f"{kind}.pkl"
+        with open(bad, "wb") as handle:
+            pickle.dump({**data, "model": model}, handle)
+        target = msra(1)
+        before = target.refiner.point_head.fc1.weight.clone()
+        one_line_error(lambda target=target, bad=bad: target.load_official(str(bad)), str(bad), kind, names[kind])
+        assert torch.equal(target.refiner.point_head.fc1.weight, before)  # nothing loaded
+
+
+def test_unreadable_and_planted_pickles_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    planted, caffe2 = tmp_path / "planted.pkl", tmp_path / "caffe2.pkl"
+    with open(planted, "wb") as handle:
+        pickle.dump({"model": {"x": Payload()}, "__author__": "x"}, handle)
+    with open(caffe2, "wb") as handle:
+        pickle.dump({"blobs": {"res2_0_branch2a_w": np.zeros(1, np.float32)}}, handle)
+    one_line_error(lambda: msra().load_official(str(planted)), str(planted), "not a numpy array")
+    assert not marker.exists()
+    one_line_error(lambda: msra().load_official(str(caffe2)), str(caffe2))
+
+
+def test_bgr_input_feeds_blue_first():
+    model = msra(0, bgr_input=True)
+    model.set_normalization([103.530, 116.280, 123.675], [1, 1, 1])  # detectron2's PIXEL_MEAN (B, G, R) verbatim
+    images = torch.zeros(1, 3, 2, 2)
+    images[:, 2] = 200  # blue
+    x = model.network_input(images)
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([200 - 103.530, -116.280, -123.675]))

@@ -46,7 +46,8 @@ def test_sweep_writes_table_plot_and_mlflow(tmp_path, tiny_synthetic, mlflow_sto
         assert png.format == "PNG" and png.width > 100
     # the variants are labelled files; the default (DVC-tracked) results are not overwritten
     metrics = tmp_path / "results" / "metrics" / "synthetic"
-    assert sorted(p.name for p in metrics.iterdir()) == ["rue__k0.5.json", "rue__k1.json"]
+    assert sorted(p.name for p in metrics.iterdir()) == ["rue__k0.5.json", "rue__k0.5.per_image.npz", "rue__k1.json",
+                                                         "rue__k1.per_image.npz"]
     scored = json.loads((metrics / "rue__k1.json").read_text())  # RUE's declared uncertainty output, summarised
     assert 0 <= scored["uncertainty_fine_mean"] <= 1 and 0 <= scored["uncertainty_region_mean"] <= 1
     measured = tmp_path / "results" / "measure" / "synthetic"

@@ -10,9 +10,9 @@ image border (upstream's cumsum form, here `avg_pool2d` without padding counts: 
 
 Ours (§7): the base is trained first with its own loss (phase `base`), then the guide with the base frozen (phase
 `refiner`, cross-entropy on the refined logits, ignore index honoured; upstream fine-tunes the whole DeepLab and maps
-void to background). The guide reads RGB / 255 (upstream BGR / 255; the guide is trained here, so only loading its
-VOC weights would care). `radius` and `eps` keep the official 4 and 1e-2 (knobs of the constructor); MagNet's table,
-which ISDNet copies, does not say which DGF it ran (§4).
+void to background). The guide reads RGB / 255 (upstream BGR / 255: `bgr_input=True` for its VOC weights, which
+`load_official` reads into the guide). `radius` and `eps` keep the official 4 and 1e-2 (knobs of the constructor);
+MagNet's table, which ISDNet copies, does not say which DGF it ran (§4).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import MethodError, ParamCount, register_method
+from methods.base import LoadReport, MethodError, ParamCount, register_method
+from methods.blocks.backbones import read_state_dict
 from methods.blocks.refiner import BaseRefiner
 
 
@@ -65,18 +66,39 @@ class DGF(BaseRefiner):
     pixel_stats = ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))  # the guide reads image / 255 (§3.2)
     param_counts = (ParamCount("spec §3.1: 256 + 65 C guide parameters", named={"refiner": 256 + 65 * 7},
                                config={"base": "global"}),)
+    # the release's VOC snapshot holds its DeepLab-ResNet-101 (`Scale.*`) and the guide; the base trains here
+    official_scope = "refiner."
 
     def __init__(self, num_classes: int, ignore_index: int = 255, base: str = "global", base_model: dict | None = None,
-                 radius: int = 4, eps: float = 1e-2) -> None:
+                 radius: int = 4, eps: float = 1e-2, bgr_input: bool = False) -> None:
         super().__init__(num_classes, ignore_index, base, base_model)
         if radius < 1 or eps <= 0:
             raise MethodError(f"dgf: radius must be >= 1 and eps > 0 (official 4 and 1e-2), got {radius} and {eps}")
-        self.radius, self.eps = int(radius), float(eps)
+        self.radius, self.eps, self.bgr_input = int(radius), float(eps), bool(bgr_input)
         self.refiner = LearnedGuide(num_classes)
+
+    def load_official(self, path: str, strict: bool = True) -> LoadReport:
+        """The release's snapshot (`MS_Deeplab`'s state dict, predict_dgf.py:35-36; VOC, 21 classes, guide read from
+        BGR / 255: `bgr_input=True`): `guided_map_conv1/2` -> the learned guide; its DeepLab (`Scale.*`) is reported
+        skipped, our base keeps its own weights."""
+        state, skipped = {}, []
+        for key, value in read_state_dict(path).items():
+            if key.startswith("Scale."):
+                skipped.append(key)
+            else:  # anything else unexpected is named by load_mapped_state
+                state[key.replace("guided_map_conv", "refiner.conv", 1)] = value
+        report = self.load_mapped_state(state, path, strict, self.official_scope)
+        report.skipped += skipped
+        return report
+
+    def save_official(self, path: str) -> None:
+        """The guide in the release's names (`guided_map_conv1/2`); no DeepLab, which is our base's business."""
+        state = self.refiner.state_dict()
+        torch.save({key.replace("conv", "guided_map_conv", 1): value for key, value in state.items()}, path)
 
     def refine(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Base logits (B, C, H, W) at the image size -> refined logits, filtered in float32."""
-        guide = self.refiner(self.normalize(images))
+        guide = self.refiner(self.network_input(images))
         return guided_filter(guide.float(), logits.float(), self.radius, self.eps)
 
     @torch.no_grad()

@@ -71,3 +71,25 @@ def test_bad_settings_are_one_line_errors(keywords, message):
 def test_an_image_within_the_window_is_refused():
     with pytest.raises(MethodError, match="must exceed 2 \\* radius \\+ 1"):
         guided_filter(torch.zeros(1, 1, 9, 30), torch.zeros(1, 2, 9, 30), 4, 1e-2)
+
+
+def test_the_release_snapshot_fills_the_guide_and_its_deeplab_is_skipped(tmp_path):
+    """predict_dgf.py loads `MS_Deeplab`'s state dict: `Scale.*` (its DeepLab-ResNet-101) + `guided_map_conv1/2`."""
+    torch.manual_seed(0)
+    release = {"Scale.conv1.weight": torch.randn(64, 3, 7, 7), "Scale.layer5.conv2d_list.0.bias": torch.randn(21),
+               "guided_map_conv1.weight": torch.randn(64, 3, 1, 1), "guided_map_conv1.bias": torch.randn(64),
+               "guided_map_conv2.weight": torch.randn(21, 64, 1, 1), "guided_map_conv2.bias": torch.randn(21)}
+    torch.save(release, tmp_path / "MS_DeepLab_resnet_trained_VOC.pth")
+    model = build_method("dgf", 21, bgr_input=True)
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    report = model.load_official(str(tmp_path / "MS_DeepLab_resnet_trained_VOC.pth"))
+    assert sorted(report.skipped) == ["Scale.conv1.weight", "Scale.layer5.conv2d_list.0.bias"]
+    assert torch.equal(model.refiner.conv2.weight, release["guided_map_conv2.weight"])
+    assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in base_before.items())
+    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)  # the guide reads B, G, R / 255 as upstream
+    assert torch.allclose(model.network_input(image), image.flip(1).float() / 255)
+    model.save_official(str(tmp_path / "ours.pth"))
+    assert sorted(torch.load(tmp_path / "ours.pth")) == sorted(k for k in release if k.startswith("guided"))
+    with pytest.raises(MethodError, match="MS_DeepLab_resnet_trained_VOC.pth does not match") as info:
+        build_method("dgf", 7).load_official(str(tmp_path / "MS_DeepLab_resnet_trained_VOC.pth"))  # VOC's 21 classes
+    assert "\n" not in str(info.value)

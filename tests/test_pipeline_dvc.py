@@ -118,6 +118,8 @@ def test_dvc_repro_end_to_end(copy_repo, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     listed = dvc(repo, env, "stage", "list", "--name-only").split()
     assert {f"{stage}_seed@synthetic-{m}-1" for stage in ("train", "evaluate") for m in methods[:-2]} <= set(listed)
+    assert {f"{stage}_generic_seed@synthetic-unet-{mode}-1" for stage in ("train", "evaluate")
+            for mode in ("global", "local")} <= set(listed)  # the generic networks' seeds too
     sixth = dvc(repo, env, "repro", "evaluate_seed@synthetic-global-1")
     ran = {line.split("'")[1] for line in sixth.splitlines() if line.startswith("Running stage")}
     assert ran == {"train_seed@synthetic-global-1", "evaluate_seed@synthetic-global-1"}

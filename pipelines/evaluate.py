@@ -71,7 +71,7 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
     dev = ctx.device
     if official:
         model, checkpoint, model_cfg = load_official_model(config, dataset, method, official, overrides, dev)
-        variant = "_".join(v for v in ("official", variant or variant_label(overrides)) if v)
+        variant = "_".join(v for v in (tracking.OFFICIAL_VARIANT, variant or variant_label(overrides)) if v)
     else:
         model, checkpoint, model_cfg = load_trained(config, dataset, method, overrides, dev)
     data = PreparedDataset(config.data_root / dataset, split)
@@ -152,7 +152,9 @@ def _evaluate(config, dataset, method, split, ctx, overrides, variant, official=
     result["variant"] = variant or "default"
     with tracking.tracked_run(dataset, method, "evaluate", checkpoint["profile"], checkpoint["params_hash"],
                               tags={"split": split, "train_run_id": checkpoint.get("mlflow_run_id", ""),
-                                    "variant": result["variant"], "seed": str(checkpoint.get("seed", ""))},
+                                    "variant": result["variant"], "seed": str(checkpoint.get("seed", "")),
+                                    # which file an official-weights number came from (tables' provenance)
+                                    **({"weights": Path(official).name} if official else {})},
                               device=dev.type) as run:
         run.tags({f"env.{k}": v for k, v in env.items()})
         run.dataset(config.data_root / dataset, dataset, split, "evaluation")

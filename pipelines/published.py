@@ -16,10 +16,11 @@ from methods import display_name, list_methods, method_class
 from methods.base import MethodError
 from pipelines import tracking
 from pipelines.config import REPO_ROOT
-from pipelines.tables import difference, measured, our_cell, pct, triple
+from pipelines.tables import difference, interval_cell, measured, our_cell, pct, published_cell, triple
 
 DATA = REPO_ROOT / "docs" / "published" / "tables.yaml"
 PUBLISHED_ONLY = "published only"
+SOURCES_SUFFIX = "_sources"  # file stem suffix of a published table by source (sources_table)
 ABLATION_VARIANT = "ablation-"  # variant tag prefix of `bench.py ablation` runs: not a method's benchmark number
 
 Settings = tuple[tuple[str, float], ...]  # a run's runtime knob values, e.g. (("k", 0.5),)
@@ -62,10 +63,14 @@ def seed_groups(runs: pd.DataFrame) -> list[pd.DataFrame]:
     row of a table, its runs the seeds averaged there (tracking.finished_runs adds `seed`)."""
     if runs.empty:
         return []
-    runs = runs.drop_duplicates(subset=["tags.method", "variant", "seed"], keep="first")
-    order = runs.drop_duplicates(subset=["tags.method", "variant"], keep="first")
-    return [runs[(runs["tags.method"] == row["tags.method"]) & (runs["variant"] == row["variant"])]
-            for _, row in order.iterrows()]
+    profile = runs["tags.profile"].fillna("") if "tags.profile" in runs else pd.Series("", index=runs.index)
+    groups = []
+    for _, newest in runs.drop_duplicates(subset=["tags.method", "variant"], keep="first").iterrows():
+        # the seeds of the newest run's profile only: a smoke seed is never averaged with a paper-recipe seed
+        same = (runs["tags.method"] == newest["tags.method"]) & (runs["variant"] == newest["variant"]) \
+            & (profile == profile[newest.name])
+        groups.append(runs[same].drop_duplicates(subset=["seed"], keep="first"))
+    return groups
 
 
 def seed_mean(group: pd.DataFrame, metric: str) -> tuple[float | None, float | None]:
@@ -114,6 +119,44 @@ def seed_interval(group: pd.DataFrame, dataset: str) -> tuple[float | None, floa
     info = get_dataset(dataset).info
     low, high = seeds_interval([m for _, m in matrices], info.counted_classes, headline_class(info))
     return pct(low), pct(high)
+
+
+# Where a number of ours comes from: the rows of a sources table under each published row, in this order
+SOURCES = {"official": "official weights, our harness", "paper": "retrained, paper recipe", "smoke": "smoke run"}
+NO_RUN = {"official": "not evaluated (no `bench.py evaluate --weights FILE` run)",
+          "paper": "not run (no run with profile `paper`)", "smoke": "not run (no run with profile `smoke`)"}
+
+
+def run_source(run) -> str:
+    """`official` for an evaluation of an upstream release's weights (`evaluate --weights`); else the profile whose
+    recipe our harness trained the model with (`paper`, `smoke`)."""
+    if str(run.get("variant", "") or "").partition("_")[0] == tracking.OFFICIAL_VARIANT:
+        return "official"
+    return str(run.get("tags.profile", "") or "unknown")
+
+
+def measured_variant(variant: str) -> str:
+    """The measurement variant that times an evaluation's variant: weights do not change the network, so an
+    official-weights evaluation ("official", "official_k0.5") is timed by the measurement of the same settings."""
+    head, _, rest = variant.partition("_")
+    return (rest or "default") if head == tracking.OFFICIAL_VARIANT else variant
+
+
+def tag(run, name: str) -> str:
+    """A run's tag as text; "" where the run has none (MLflow's frame holds NaN there)."""
+    value = run.get(f"tags.{name}")
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
+def matching_measure(measures: pd.DataFrame, method: str, variant: str, profile: str):
+    """The latest measurement of a method's variant under the same profile (the same network), or None: a smoke
+    model's speed never stands beside a paper-recipe accuracy."""
+    if measures.empty:
+        return None
+    hit = measures[(measures["tags.method"] == method) & (measures["variant"] == measured_variant(variant))]
+    if "tags.profile" in hit:
+        hit = hit[hit["tags.profile"] == profile]
+    return hit.iloc[0] if not hit.empty else None
 
 
 def run_settings(run, method: str) -> Settings:
@@ -174,18 +217,20 @@ def row_owner(row: dict, column: dict | None = None) -> tuple[tuple[str, Setting
     return owners.get(row["method"]), False
 
 
-def our_results(dataset: str) -> dict:
+def our_results(dataset: str, source: str | None = None) -> dict:
     """Our latest numbers per (method, knob settings) on a dataset from MLflow: the latest finished evaluation of
-    each method and variant joined with the latest measurement of the same variant.
+    each method and variant (mean over its seeds) joined with the latest measurement of the same variant and
+    profile. `source` (a key of SOURCES) keeps only the evaluations of that source; without it, only models our
+    harness trained (an official checkpoint's number never stands in for a retrained one).
 
     Returns {"runs": bool (any evaluation of the dataset), "rows": {(method, settings): {...}}}."""
     evals = tracking.finished_runs(dataset, "evaluate")
     if evals.empty:
         return {"runs": False, "rows": {}}
     evals = evals[~evals["variant"].str.startswith(ABLATION_VARIANT)]
+    sources = pd.Series([run_source(run) for _, run in evals.iterrows()], index=evals.index, dtype=object)
+    evals = evals[sources == source] if source else evals[sources != "official"]
     measures = tracking.finished_runs(dataset, "measure")
-    if not measures.empty:
-        measures = measures.drop_duplicates(subset=["tags.method", "variant"], keep="first")
     rows: dict = {}
     for group in seed_groups(evals):
         run = group.iloc[0]
@@ -193,15 +238,14 @@ def our_results(dataset: str) -> dict:
         key = (method, run_settings(run, method))
         if key in rows:  # the default run and a sweep point of the same value: keep the newer (newest first)
             continue
-        hit = measures[(measures["tags.method"] == method) & (measures["variant"] == run["variant"])] \
-            if not measures.empty else measures
-        meas = hit.iloc[0] if not hit.empty else None
+        meas = matching_measure(measures, method, run["variant"], run.get("tags.profile", ""))
         headline, std = seed_mean(group, "headline")
         row = {"headline": headline, "headline_std": std, "seeds": len(group), "run": run["run_id"][:8],
-               "ci95": seed_interval(group, dataset),
+               "ci95": seed_interval(group, dataset), "source": run_source(run),
                "commit": run.get("tags.git_commit", "") or "unknown", "profile": run.get("tags.profile", ""),
                "date": pd.Timestamp(run["start_time"]).strftime("%Y-%m-%d %H:%M UTC") if "start_time" in run else "",
                "device": run.get("tags.env.device_name", "") or "",
+               "data": tag(run, tracking.DATA_DIGEST_TAG), "weights": tag(run, "weights"),
                "outputs": {key[len("metrics.output."):-len(".miou")]: pct(run[key]) for key in run.index
                            if key.startswith("metrics.output.") and key.endswith(".miou") and not pd.isna(run[key])}}
         if meas is None:
@@ -214,7 +258,8 @@ def our_results(dataset: str) -> dict:
                 row[name] = float(value) if measured(value) else str(meas.get(f"tags.{metric}") or "unavailable")
             row.update(scale=meas.get("tags.scale", "") or "", precision=meas.get("tags.precision", "") or "",
                        measure_device=meas.get("tags.env.device_name", "") or "",
-                       input_size=meas.get("tags.input_size", "") or "")
+                       input_size=meas.get("tags.input_size", "") or "", measure_run=meas["run_id"][:8],
+                       measure_commit=tag(meas, "git_commit") or "unknown")
         rows[key] = row
     return {"runs": True, "rows": rows}
 
@@ -315,6 +360,12 @@ def _published_row(row: dict, dataset: str, ours: dict, columns: list[dict]) -> 
         text = row.get(column["key"])
         out.update(triple(column["title"], cell_value(text), text if text is not None else None, cell,
                           column["digits"]))
+    if any(mine["seeds"] > 1 for mine in ours["rows"].values() if "seeds" in mine):
+        owner = row_owner(row)[0]
+        mine = None if owner is None else ours["rows"].get(owner)
+        std = None if mine is None else mine.get("headline_std")
+        out[f"{headline_label(dataset)} std over seeds (ours)"] = "" if std is None else f"{std:.2f}"
+        out["seeds (ours)"] = "" if mine is None else mine.get("seeds", "")
     out["ours"] = ", ".join(labels)
     out["note"] = row.get("note", "")
     return out
@@ -345,6 +396,77 @@ def published_table(table_id: str, ours: dict | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def provenance(mine: dict) -> str:
+    """Where one row of ours came from: the evaluation (run, commit, device, precision, prepared-data digest, the
+    official weights file) and the measurement (run, commit, device, precision, scale, input size)."""
+    accuracy = [f"eval {mine['run']}", f"commit {mine['commit']}", mine["device"] or "device unknown", "fp32",
+                f"data {mine.get('data') or 'unknown'}", f"{mine['seeds']} seed(s)" if mine.get("seeds") else ""]
+    if mine.get("weights"):
+        accuracy.append(f"weights {mine['weights']}")
+    if not mine.get("measure_run"):
+        return "; ".join(p for p in accuracy if p) + " | no measure run"
+    speed = [f"measure {mine['measure_run']}", f"commit {mine['measure_commit']}", mine["measure_device"],
+             mine["precision"], f"scale {mine['scale']}" if mine["scale"] else "", mine.get("input_size", "")]
+    return "; ".join(p for p in accuracy if p) + " | " + "; ".join(p for p in speed if p)
+
+
+def sources_table(table_id: str, results: dict[str, dict] | None = None) -> pd.DataFrame:
+    """A published table with up to four rows per published row: the published numbers, then ours by source
+    (SOURCES: the official weights evaluated by our harness, retrained with the paper recipe, the smoke run), each
+    with its differences, seeds, 95% interval and provenance. A cell without data says why; a published row no
+    method of ours fills keeps its published row only."""
+    spec = tables()[table_id]
+    dataset = spec["dataset"]
+    columns = columns_of(spec, dataset)
+    results = {source: our_results(dataset, source) for source in SOURCES} if results is None else results
+    rows = []
+    for row in spec["rows"]:
+        base = ({"group": row["group"]} if "group" in row else {}) | {"method": row["method"]}
+        published_row = {**base, "source": "published"}
+        for column in columns:
+            text = row.get(column["key"])
+            published_row[column["title"]] = published_cell(cell_value(text), text, column["digits"])
+            published_row[f"{column['title']} Δ (ours − published)"] = ""
+        published_row.update({"std over seeds": "", "seeds": "", "95% CI": "",
+                              "provenance": " ".join(p for p in (spec.get("paper", ""), spec.get("table", ""),
+                                                                 row.get("note", "")) if p) or "literature"})
+        rows.append(published_row)
+        owners = [row_owner(row, column) for column in columns]
+        if all(owner is None for owner, _ in owners):
+            continue
+        for source, label in SOURCES.items():
+            out, first = {**base, "source": label}, None
+            for column, (owner, for_column) in zip(columns, owners, strict=True):
+                mine = None if owner is None else results[source]["rows"].get(owner)
+                if owner is None:
+                    cell = PUBLISHED_ONLY
+                elif mine is None:
+                    cell = NO_RUN.get(source, f"not run (no {source} run)")
+                else:
+                    cell, first = _our_cell(mine, column, owner, for_column), first or mine
+                out[column["title"]] = our_cell(cell, column["digits"])
+                out[f"{column['title']} Δ (ours − published)"] = difference(cell, cell_value(row.get(column["key"])),
+                                                                           column["digits"])
+            std = None if first is None else first.get("headline_std")
+            out.update({"std over seeds": "" if std is None else f"{std:.2f}",
+                        "seeds": "" if first is None else first.get("seeds", ""),
+                        "95% CI": "" if first is None else interval_cell(*first.get("ci95", (None, None))),
+                        "provenance": "" if first is None else provenance(first)})
+            rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def sources_title(spec: dict) -> str:
+    return f"{spec['title']}: published, official weights, paper recipe and smoke run"
+
+
+SOURCES_NOTE = ("Rows per published row: the published numbers; the release's official weights evaluated by our "
+                "harness (`bench.py evaluate --weights FILE`); our harness's retraining with the paper recipe "
+                "(profile `paper`); the smoke run (profile `smoke`). Ours: mean over seeds, the std over seeds and "
+                "the 95% bootstrap interval over test images. Provenance: evaluation | measurement (run, commit, "
+                "device, precision, prepared-data digest; scale and input size of the timing).")
+
+
 def table_notes(spec: dict) -> list[str]:
     """The lines under a table: where its published numbers come from, then the protocol notes it names."""
     return ([f"Published: {spec['source']}."] if spec.get("source") else []) + note_texts(spec.get("notes", []))
@@ -373,7 +495,8 @@ def points(dataset: str) -> list[dict]:
 def ours_note(dataset: str, ours: dict) -> str:
     if not ours["runs"]:
         return f"Ours: no finished evaluation in MLflow experiment `{tracking.experiment_name(dataset)}`."
-    parts = [f"{settings_label(m, s)}: run {r['run']}, commit {r['commit']}, {r['date']}, "
+    parts = [f"{settings_label(m, s)}: run {r['run']} (profile {r['profile'] or 'unknown'}), commit {r['commit']}, "
+             f"{r['date']}, "
              f"{r['measure_device'] or r['device']}, "
              + (f"scale {r['scale']}, {r['precision']}" if r["scale"] else "no measure run")
              for (m, s), r in sorted(ours["rows"].items(), key=row_order)]

@@ -226,6 +226,13 @@ def tables(config: Config, all_datasets: bool = False, skipped: list[str] | None
             cache[dataset] = published.with_sweeps(published.our_results(dataset), dataset, config)
         return cache[dataset]
 
+    by_source: dict[str, dict] = {}
+
+    def sources(dataset: str) -> dict:
+        if dataset not in by_source:
+            by_source[dataset] = {source: published.our_results(dataset, source) for source in published.SOURCES}
+        return by_source[dataset]
+
     written = []
     for table_id, spec in published.tables().items():
         dataset = spec["dataset"]
@@ -236,6 +243,10 @@ def tables(config: Config, all_datasets: bool = False, skipped: list[str] | None
         notes = [published.ours_note(dataset, ours(dataset)), *published.table_notes(spec)]
         written += write_table(published.published_table(table_id, ours(dataset)), out_dir / table_id,
                                spec["title"], notes)
+        # the same rows by source: published, official weights, paper recipe, smoke (four rows per anchor)
+        written += write_table(published.sources_table(table_id, sources(dataset)),
+                               out_dir / f"{table_id}{published.SOURCES_SUFFIX}", published.sources_title(spec),
+                               [published.SOURCES_NOTE, *published.table_notes(spec)])
     for method, table, dataset in ablation_outputs(config):
         scores = ablation_scores(config, method, dataset)
         name = f"{published.ablation_id(method, table)}_{dataset}"
@@ -307,10 +318,14 @@ def write_readme(config: Config, written: list[Path], skipped: list[str] = ()) -
             continue
         seen.add(path)
         name = path.stem
-        dataset = specs[name]["dataset"] if name in specs else name.rsplit("_", 1)[-1]
+        spec_id = name.removesuffix(published.SOURCES_SUFFIX)
+        dataset = specs[spec_id]["dataset"] if spec_id in specs else name.rsplit("_", 1)[-1]
         if name in specs:
             what = specs[name]["title"]
             source = published.ours_note(dataset, published.our_results(dataset))
+        elif spec_id in specs:
+            what = published.sources_title(specs[spec_id])
+            source = "provenance in each row"
         elif name.startswith("compare_"):
             what, source = "comparison of our methods", published.ours_note(dataset, published.our_results(dataset))
         elif name.startswith("significance_"):

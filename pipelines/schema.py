@@ -127,12 +127,17 @@ def _typed(cls, values: dict, where: str):
         raise ConfigError(_pydantic_line(exc, where)) from None
 
 
+# keys users reach for that are spelt otherwise here (DVC's stage matrix needs the further seeds as their own list)
+SPELT_OTHERWISE = {"benchmark.seeds": "write the first seed as `seed: 0` (top level) and the others as "
+                                      "`benchmark.extra_seeds: [1, 2]`"}
+
+
 def _pydantic_line(exc: ValidationError, where: str) -> str:
     error = exc.errors()[0]
     loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
     key = f"{where}.{loc}" if where and loc else (where or loc)
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key; remove or rename it"
+        return f"{key}: unknown key; {SPELT_OTHERWISE.get(key, 'remove or rename it')}"
     if error["type"] == "missing":
         return f"{key}: missing; add it"
     return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]}, got {error.get('input')!r}"

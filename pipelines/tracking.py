@@ -44,6 +44,10 @@ STAGE_TEXT = {"train": "Training", "evaluate": "Evaluation", "measure": "Speed a
               "sweep": "Runtime-knob sweep"}
 QUIET_LOGGERS = ("mlflow", "alembic")  # their INFO lines (table creation, migrations) are noise in our CLI
 
+OFFICIAL_VARIANT = "official"  # the variant of an evaluation of an upstream release's weights (evaluate --weights)
+DATA_DIGEST_TAG = "dataset_digest"  # the prepared split's fingerprint (dataset_digest), on runs that read one
+
+
 def experiment_name(dataset: str) -> str:
     return f"{EXPERIMENT_PREFIX}-{dataset}"
 
@@ -243,8 +247,11 @@ class Run:
         _mlflow().log_figure(figure, name)
 
     def dataset(self, root: Path, dataset: str, split: str, context: str) -> None:
-        """Record the prepared split this run read ("training", "evaluation"): the run page's dataset column."""
-        _mlflow().log_input(prepared_dataset(root, dataset, split), context=context)
+        """Record the prepared split this run read ("training", "evaluation"): the run page's dataset column, and
+        its digest as a tag, so tables can say which data each number came from."""
+        data = prepared_dataset(root, dataset, split)
+        _mlflow().log_input(data, context=context)
+        _mlflow().set_tag(DATA_DIGEST_TAG, data.digest)
 
 
 def finished_runs(dataset: str, stage: str):

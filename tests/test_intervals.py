@@ -170,6 +170,7 @@ def test_two_seeds_give_the_tables_mean_std_and_the_interval_of_their_mean(tmp_p
     ("benchmark.extra_seeds=[0]", "lists 0, the seed every run already trains with"),
     ("benchmark.extra_seeds=[1,1]", "lists a seed twice"),
     ("benchmark.extra_seeds=[-1]", "extra_seeds"),
+    ("benchmark.seeds=[0,1,2]", "benchmark.seeds: unknown key; write the first seed as `seed: 0`"),
 ])
 def test_bad_extra_seeds_are_one_line_errors(setting, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -207,3 +208,14 @@ def test_the_same_weights_in_the_official_layout_score_the_same(tmp_path, tiny_s
     assert official["miou"] == ours["miou"] and official["weights"] == str((tmp_path / "release.pth").resolve())
     assert (np.load(folder / "segformer-global__official.per_image.npz")["matrices"]
             == np.load(folder / "segformer-global.per_image.npz")["matrices"]).all()
+    # the papers' tables keep the two apart: the official weights in their own row, with the file and the data digest
+    from pipelines import tracking
+    from pipelines.published import our_results
+
+    official_run = tracking.finished_runs("synthetic", "evaluate").iloc[0]
+    assert official_run["tags.weights"] == "release.pth" and official_run["variant"] == "official"
+    assert official_run["tags.dataset_digest"] == tracking.dataset_digest(config.data_root / "synthetic", "test")
+    rows = {source: our_results("synthetic", source)["rows"] for source in ("official", "smoke")}
+    assert [r["source"] for r in rows["official"].values()] == ["official"]
+    assert [r["source"] for r in rows["smoke"].values()] == ["smoke"]
+    assert next(iter(rows["official"].values()))["weights"] == "release.pth"

@@ -131,6 +131,63 @@ def test_isdnet_table_published_vs_ours(store):
     assert lines[-1] == "UHR methods,ISDNet,73.30,74.00,+0.70,27.70,30.00,+2.30,1948,2000,+52,isdnet,"
 
 
+def test_sources_table_four_rows_per_anchor_with_provenance(store):
+    """Under each published row: the official weights, the paper recipe and the smoke run, never mixed: each with
+    its own accuracy, its own profile's speed, and where it came from; a missing cell says why."""
+    from pipelines.published import published_table, sources_table
+
+    client = store
+    exp = client.get_experiment_by_name("uhrbench-deepglobe").experiment_id
+    data = {"dataset_digest": "d1g35t01"}
+    _run(client, exp, "isdnet", "evaluate", {"headline": 0.71, "miou": 0.71},
+         tags={"profile": "paper", "git_commit": "fedcba9", **data})
+    _run(client, exp, "isdnet", "measure", {"fps": 25.0, "torch_max_allocated_mib": 1900.0},
+         tags={"profile": "paper", "precision": "fp16", "scale": "1.0", "input_size": "2448x2448"})
+    _run(client, exp, "isdnet", "evaluate", {"headline": 0.7331, "miou": 0.7331}, variant="official",
+         tags={"weights": "isdnet_deepglobe.pth", **data})  # newest: must not stand in for a retrained number
+    table = sources_table("paper_isdnet_deepglobe")
+    isd = table[table["method"] == "ISDNet"].set_index("source")
+    assert list(isd.index) == ["published", "official weights, our harness", "retrained, paper recipe", "smoke run"]
+    assert list(isd["mIoU"]) == ["73.30", "73.31", "71.00", "74.00"]
+    assert list(isd["mIoU Δ (ours − published)"]) == ["", "+0.01", "-2.30", "+0.70"]
+    # official weights are timed by the model of their own profile (smoke here), paper by the paper measurement
+    assert list(isd["FPS"]) == ["27.70", "30.00", "25.00", "30.00"]
+    assert isd.loc["published", "provenance"] == "ISDNet (CVPR 2022) Table 1"
+    official = isd.loc["official weights, our harness", "provenance"]
+    assert "weights isdnet_deepglobe.pth" in official and "data d1g35t01" in official and "Test GPU" in official
+    paper = isd.loc["retrained, paper recipe", "provenance"]
+    assert "commit fedcba9" in paper and "fp16" in paper and "scale 1.0" in paper and "2448x2448" in paper
+    assert "data unknown" in isd.loc["smoke run", "provenance"]  # a run from before digests were tagged
+    glnet = table[table["method"] == "GLNet"].set_index("source")
+    assert glnet.loc["official weights, our harness", "mIoU"].startswith("not evaluated (no `bench.py evaluate")
+    assert glnet.loc["retrained, paper recipe", "mIoU"] == "not run (no run with profile `paper`)"
+    assert glnet.loc["smoke run", "FPS"] == "not measured (no measure run)"
+    assert glnet.loc["smoke run", "provenance"].endswith("| no measure run")
+    # a published row no method of ours fills keeps its published row only
+    literature = sources_table("literature_deepglobe")
+    assert list(literature[literature["method"].str.startswith("WSDNet")]["source"]) == ["published"]
+    # the compact table shows the newest harness-trained number (the paper recipe), with that recipe's speed
+    compact = published_table("paper_isdnet_deepglobe").set_index("method")
+    assert (compact.loc["ISDNet", "mIoU (ours)"], compact.loc["ISDNet", "FPS (ours)"]) == ("71.00", "25.00")
+
+
+def test_papers_tables_show_the_std_over_seeds(store):
+    from pipelines.published import published_table, sources_table
+
+    client = store
+    exp = client.get_experiment_by_name("uhrbench-deepglobe").experiment_id
+    _evaluate(client, exp, "isdnet@seed1", 0.72)  # with the fixture's 0.74: mean 73.00, sample std 1.41
+    row = published_table("paper_isdnet_deepglobe").set_index("method").loc["ISDNet"]
+    assert (row["mIoU (ours)"], row["mIoU std over seeds (ours)"], row["seeds (ours)"]) == ("73.00", "1.41", 2)
+    smoke = sources_table("paper_isdnet_deepglobe").set_index(["method", "source"]).loc[("ISDNet", "smoke run")]
+    assert (smoke["mIoU"], smoke["std over seeds"], smoke["seeds"]) == ("73.00", "1.41", 2)
+    # a paper-recipe seed is its own group: never averaged with the smoke seeds
+    _run(client, exp, "isdnet@seed2", "evaluate", {"headline": 0.50, "miou": 0.50}, tags={"profile": "paper"})
+    smoke = sources_table("paper_isdnet_deepglobe").set_index(["method", "source"]).loc[("ISDNet", "smoke run")]
+    assert smoke["mIoU"] == "73.00"
+    assert published_table("paper_isdnet_deepglobe").set_index("method").loc["ISDNet", "mIoU (ours)"] == "50.00"
+
+
 def test_uhrnet_local_and_global_columns(store):
     """UHRNet's Table II: "global" from our final prediction, "local" from the method's `local` output."""
     from pipelines.published import our_results, published_table
@@ -223,6 +280,10 @@ def test_tables_command_writes_every_format(store, tmp_path):
                  "paper_isdnet_cityscapes_branches", "paper_uhrsnet_deepglobe", "literature_deepglobe",
                  "literature_inria", "literature_cityscapes", "literature_urur", "paper_uhrsnet_table3_deepglobe"):
         assert {f"{stem}.md", f"{stem}.csv", f"{stem}.tex"} <= set(names)
+        if not stem.endswith("table3_deepglobe"):  # each published table also by source (not the ablations)
+            assert {f"{stem}_sources.md", f"{stem}_sources.csv", f"{stem}_sources.tex"} <= set(names)
+    sources = (out / "paper_isdnet_deepglobe_sources.md").read_text()
+    assert "| retrained, paper recipe " in sources and "not run (no run with profile `paper`)" in sources
     md = (out / "paper_isdnet_deepglobe.md").read_text()
     assert md.startswith("# ISDNet (CVPR'22) Table 1: DeepGlobe test")
     assert "| ISDNet " in md and "| 73.30 " in md and "| +0.70 " in md and "(no pointrend run)" in md

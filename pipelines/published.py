@@ -238,7 +238,7 @@ def our_results(dataset: str, source: str | None = None) -> dict:
         key = (method, run_settings(run, method))
         if key in rows:  # the default run and a sweep point of the same value: keep the newer (newest first)
             continue
-        meas = matching_measure(measures, method, run["variant"], run.get("tags.profile", ""))
+        meas = matching_measure(measures, method, run["variant"], tag(run, "profile"))
         headline, std = seed_mean(group, "headline")
         row = {"headline": headline, "headline_std": std, "seeds": len(group), "run": run["run_id"][:8],
                "ci95": seed_interval(group, dataset), "source": run_source(run),

@@ -39,8 +39,6 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
     groups = [runs.loc[[index]] for index in runs.index] if run_ids or all_runs else published.seed_groups(runs)
     several_seeds = any(len(group) > 1 for group in groups)
     measures = tracking.finished_runs(dataset, "measure")
-    if not measures.empty:
-        measures = measures.drop_duplicates(subset=["tags.method", "variant"], keep="first")
     knob_titles = {}
     for method in runs["tags.method"].unique():
         knob_titles.update({k.name: k.title for k in published.knobs_of(method)})
@@ -58,7 +56,7 @@ def comparison_table(dataset: str, run_ids: list[str] | None = None, all_runs: b
         row["95% CI"] = interval_cell(*published.seed_interval(group, dataset))
         if info.headline != "miou":
             row["mIoU"] = published.seed_mean(group, "miou")[0]
-        measured = _measurement(measures, run["tags.method"], run["variant"])
+        measured = _measurement(measures, run)
         row.update({name: measured[name] for name in COMPACT})
         row["params (M)"] = round(float(run.get("metrics.params_m")), 2)
         row["device"] = run.get("tags.env.device_name", "")
@@ -90,13 +88,13 @@ PEAK_MEMORY_NOTE = ("peak memory: the NVML per-process peak on a GPU (CUDA conte
                     "on a CPU; latency p50 = median of the timed batch-1 calls, FPS = 1 / p50.")
 
 
-def _measurement(measures: pd.DataFrame, method: str, variant: str) -> dict:
-    """The measured columns; a cell without a measurement says so, nothing is filled in."""
-    hit = measures[(measures["tags.method"] == method) & (measures["variant"] == variant)] if not measures.empty \
-        else measures
-    if hit.empty:
+def _measurement(measures: pd.DataFrame, evaluation) -> dict:
+    """The measured columns of an evaluation's model (its latest measurement of the same variant and profile); a
+    cell without a measurement says so, nothing is filled in."""
+    run = published.matching_measure(measures, evaluation["tags.method"], evaluation["variant"],
+                                     published.tag(evaluation, "profile"))
+    if run is None:
         return {**{name: "not measured" for name in (*MEASURED, *COMPACT)}, "precision": "", "input size": ""}
-    run = hit.iloc[0]
     out = {}
     for name, key in MEASURED.items():
         value = run.get(f"metrics.{key}")

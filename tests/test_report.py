@@ -169,6 +169,12 @@ def test_sources_table_four_rows_per_anchor_with_provenance(store):
     # the compact table shows the newest harness-trained number (the paper recipe), with that recipe's speed
     compact = published_table("paper_isdnet_deepglobe").set_index("method")
     assert (compact.loc["ISDNet", "mIoU (ours)"], compact.loc["ISDNet", "FPS (ours)"]) == ("71.00", "25.00")
+    # so does the comparison table; the official weights are its own variant, timed by the smoke model
+    from pipelines.report import comparison_table
+
+    compare = comparison_table("deepglobe", methods=["isdnet"]).set_index("variant")
+    assert (compare.loc["default", "mIoU"], compare.loc["default", "FPS"]) == (71.0, 25.0)
+    assert (compare.loc["official", "mIoU"], compare.loc["official", "FPS"]) == (73.31, 30.0)
 
 
 def test_papers_tables_show_the_std_over_seeds(store):

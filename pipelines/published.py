@@ -123,8 +123,8 @@ def seed_interval(group: pd.DataFrame, dataset: str) -> tuple[float | None, floa
 
 # Where a number of ours comes from: the rows of a sources table under each published row, in this order
 SOURCES = {"official": "official weights, our harness", "paper": "retrained, paper recipe", "smoke": "smoke run"}
-NO_RUN = {"official": "not evaluated (no `bench.py evaluate --weights FILE` run)",
-          "paper": "not run (no run with profile `paper`)", "smoke": "not run (no run with profile `smoke`)"}
+NO_RUN = {"official": "not evaluated (no `evaluate --weights` run)", "paper": "not run (no `paper` profile run)",
+          "smoke": "not run (no `smoke` profile run)"}
 
 
 def run_source(run) -> str:
@@ -400,14 +400,14 @@ def provenance(mine: dict) -> str:
     """Where one row of ours came from: the evaluation (run, commit, device, precision, prepared-data digest, the
     official weights file) and the measurement (run, commit, device, precision, scale, input size)."""
     accuracy = [f"eval {mine['run']}", f"commit {mine['commit']}", mine["device"] or "device unknown", "fp32",
-                f"data {mine.get('data') or 'unknown'}", f"{mine['seeds']} seed(s)" if mine.get("seeds") else ""]
+                f"data {mine.get('data') or 'unknown'}"]
     if mine.get("weights"):
         accuracy.append(f"weights {mine['weights']}")
     if not mine.get("measure_run"):
-        return "; ".join(p for p in accuracy if p) + " | no measure run"
+        return ", ".join(accuracy) + "; no measure run"
     speed = [f"measure {mine['measure_run']}", f"commit {mine['measure_commit']}", mine["measure_device"],
              mine["precision"], f"scale {mine['scale']}" if mine["scale"] else "", mine.get("input_size", "")]
-    return "; ".join(p for p in accuracy if p) + " | " + "; ".join(p for p in speed if p)
+    return ", ".join(accuracy) + "; " + ", ".join(p for p in speed if p)  # no "|": markdown tables split on it
 
 
 def sources_table(table_id: str, results: dict[str, dict] | None = None) -> pd.DataFrame:
@@ -463,8 +463,9 @@ def sources_title(spec: dict) -> str:
 SOURCES_NOTE = ("Rows per published row: the published numbers; the release's official weights evaluated by our "
                 "harness (`bench.py evaluate --weights FILE`); our harness's retraining with the paper recipe "
                 "(profile `paper`); the smoke run (profile `smoke`). Ours: mean over seeds, the std over seeds and "
-                "the 95% bootstrap interval over test images. Provenance: evaluation | measurement (run, commit, "
-                "device, precision, prepared-data digest; scale and input size of the timing).")
+                "the 95% bootstrap interval over test images. Provenance: the evaluation (run, commit, device, "
+                "precision, prepared-data digest, weights file), then the measurement (run, commit, device, "
+                "precision, scale, input size).")
 
 
 def table_notes(spec: dict) -> list[str]:

@@ -159,10 +159,10 @@ def test_sources_table_four_rows_per_anchor_with_provenance(store):
     assert "commit fedcba9" in paper and "fp16" in paper and "scale 1.0" in paper and "2448x2448" in paper
     assert "data unknown" in isd.loc["smoke run", "provenance"]  # a run from before digests were tagged
     glnet = table[table["method"] == "GLNet"].set_index("source")
-    assert glnet.loc["official weights, our harness", "mIoU"].startswith("not evaluated (no `bench.py evaluate")
-    assert glnet.loc["retrained, paper recipe", "mIoU"] == "not run (no run with profile `paper`)"
+    assert glnet.loc["official weights, our harness", "mIoU"] == "not evaluated (no `evaluate --weights` run)"
+    assert glnet.loc["retrained, paper recipe", "mIoU"] == "not run (no `paper` profile run)"
     assert glnet.loc["smoke run", "FPS"] == "not measured (no measure run)"
-    assert glnet.loc["smoke run", "provenance"].endswith("| no measure run")
+    assert glnet.loc["smoke run", "provenance"].endswith("; no measure run")
     # a published row no method of ours fills keeps its published row only
     literature = sources_table("literature_deepglobe")
     assert list(literature[literature["method"].str.startswith("WSDNet")]["source"]) == ["published"]
@@ -289,7 +289,9 @@ def test_tables_command_writes_every_format(store, tmp_path):
         if not stem.endswith("table3_deepglobe"):  # each published table also by source (not the ablations)
             assert {f"{stem}_sources.md", f"{stem}_sources.csv", f"{stem}_sources.tex"} <= set(names)
     sources = (out / "paper_isdnet_deepglobe_sources.md").read_text()
-    assert "| retrained, paper recipe " in sources and "not run (no run with profile `paper`)" in sources
+    assert "| retrained, paper recipe " in sources and "not run (no `paper` profile run)" in sources
+    assert all(line.count("|") == sources.splitlines()[2].count("|") for line in sources.splitlines()
+               if line.startswith("|"))  # no cell splits a markdown row
     md = (out / "paper_isdnet_deepglobe.md").read_text()
     assert md.startswith("# ISDNet (CVPR'22) Table 1: DeepGlobe test")
     assert "| ISDNet " in md and "| 73.30 " in md and "| +0.70 " in md and "(no pointrend run)" in md

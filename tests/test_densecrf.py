@@ -64,7 +64,7 @@ def test_lattice_approximates_the_exact_kernel(theta_xy, theta_rgb, max_error):
     assert error.mean() < 0.15 * (exact - probabilities.double()).abs().mean()
 
 
-def test_matches_the_compiled_pydensecrf():
+def test_matches_the_compiled_pydensecrf(device: str = "cpu"):
     with np.load(GOLDEN_DIR / "densecrf.npz") as data:
         meta = json.loads(str(data["meta"]))
         assert meta["cases"] == json.loads(json.dumps(CASES)) and meta["stride"] == STRIDE
@@ -73,8 +73,14 @@ def test_matches_the_compiled_pydensecrf():
             for n in ITERATIONS:
                 crf = FullyConnectedCRF(*case["params"], iterations=n, normalization=case["normalization"],
                                         probability_clip=1e-5)
-                ours = crf.refine_one(image, logits).exp()[:, ::STRIDE, ::STRIDE].numpy()
+                ours = crf.refine_one(image.to(device), logits.to(device)).exp()[:, ::STRIDE, ::STRIDE].cpu().numpy()
                 assert np.abs(ours - data[f"case{i}_iter{n}"]).max() < 5e-6, (i, n)
+
+
+@pytest.mark.gpu
+def test_the_cuda_lattice_matches_the_compiled_pydensecrf():
+    """The same golden on the GPU: the lattice's splat / blur / slice kernels in CUDA, not only on the CPU."""
+    test_matches_the_compiled_pydensecrf("cuda")
 
 
 def test_lattice_copies_the_sse_padding_of_the_reference():

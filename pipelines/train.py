@@ -443,10 +443,15 @@ def _train(config, dataset, method, info, root, ctx, workers, batch_per_device, 
             model.set_phase(phase.name)
             resuming = resume is not None and resume["phase"] == phase.name
             position = Position(**resume["position"]) if resuming else Position()
+            phase_seed = config.seed + 1000 * (index if phase.data_stream is None else phase.data_stream)
+            if not resuming:  # (a resumed phase restores its RNG state from last.pt instead)
+                # the phase's own randomness (dropout, point sampling) from (seed, phase) only, never from how much
+                # randomness building the model took: a refiner's base phase trains exactly as the same base
+                # elsewhere, whichever refiner was built after it
+                seed_everything(phase_seed)
             samples = SeededSamples(PreparedDataset(root, "train", transform=training_transform(
                 recipe.crop_size, recipe.resize_ratio, recipe.hflip, recipe.vflip, recipe.rot90, recipe.rotate,
-                recipe.photometric, recipe.cat_max_ratio), cache=cache),
-                config.seed + 1000 * (index if phase.data_stream is None else phase.data_stream))
+                recipe.photometric, recipe.cat_max_ratio), cache=cache), phase_seed)
             factory = run_factory(phase.name, phase.name) if nested else contextlib.nullcontext
             with distributed.primary_only(ctx, factory) as phase_run:
                 log = None

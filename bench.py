@@ -43,7 +43,8 @@ def one_line_errors(func):
 
 # (module, class) of the errors a user can cause; tests/test_cli_fast.py checks each still names the class.
 USER_ERRORS = (("pipelines.schema", "ConfigError"), ("datasets.base", "DatasetError"), ("methods.base", "MethodError"),
-               ("pipelines.train", "TrainingError"), ("pipelines.checkpoints", "CheckpointError"))
+               ("pipelines.train", "TrainingError"), ("pipelines.checkpoints", "CheckpointError"),
+               ("pipelines.launch", "LaunchError"))
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -376,6 +377,36 @@ def report(params: str | None) -> None:
     click.echo(f"wrote {len(written)} files under {config.results_root} (index: "
                f"{config.results_root / 'README.md'})\n")
     click.echo(summary_text(config))
+
+
+@cli.command()
+@click.option("--executor", default="slurm", show_default=True, help="slurm: one SLURM job per stage; local: one "
+              "process per stage on this machine, started when its upstream stages are done")
+@click.option("--partition", default=None, help="SLURM partition (default: the cluster's)")
+@click.option("--gpus-per-job", type=click.IntRange(min=1), default=None,
+              help="GPUs of a training job (default and required: train.nproc_per_node); evaluation and measurement "
+                   "jobs get 1, data and report jobs none")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="nodes per training job")
+@click.option("--time", "timeout_min", type=click.IntRange(min=1), default=24 * 60, show_default=True,
+              help="time limit of each job in minutes (an interrupted training resumes on the next launch)")
+@click.option("--wait/--no-wait", default=None, help="wait for the jobs and take their outputs in (default: local "
+              "waits, slurm returns after submitting)")
+@click.option("--status", "show_status", is_flag=True, help="list every stage's job, state and log; submit nothing")
+@one_line_errors
+def launch(executor: str, partition: str | None, gpus_per_job: int | None, nodes: int, timeout_min: int,
+           wait: bool | None, show_status: bool) -> None:
+    """Run the DVC pipeline as one job per stage instance (SLURM or local, through submitit), each in its own git
+    worktree, outputs through the DVC remote, every run logged to one MLflow server (docs/cluster.md).
+
+    Launching again skips the stages DVC finds done and resumes interrupted training from its last.pt."""
+    from pipelines.launch import launch as run
+    from pipelines.launch import status
+
+    if show_status:
+        click.echo(status())
+        return
+    for line in run(executor, partition, gpus_per_job, nodes, timeout_min, wait):
+        click.echo(line)
 
 
 if __name__ == "__main__":

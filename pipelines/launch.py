@@ -1,0 +1,470 @@
+"""`bench.py launch`: every stage instance of the DVC pipeline as its own cluster job (SLURM) or local process, through
+submitit, each in its own git worktree, outputs handed over through the DVC remote (docs/cluster.md).
+
+Why not `dvc repro` or `dvc exp run --queue`: the queue runs on one machine, and two DVC processes in one repository
+collide on its lock. So each job gets a git worktree of the launched commit under `.launch/worktrees/<stage>` (its own
+`.dvc/tmp/lock`) and runs
+    dvc pull <upstream stages> -> dvc repro --single-item <stage> -> dvc push <stage>
+after taking its upstream stages' dvc.lock entries from `.launch/locks/`; at the end it writes its own entry there. The
+launcher merges those entries into this worktree's dvc.lock and `dvc pull`s them, so `dvc status` here is clean and
+`dvc repro` finds nothing to do. The worktrees share one DVC cache (`.launch/cache`), and stay after their job: a
+re-launched training stage finds its `last.pt` there and resumes.
+
+The stages and their order come from DVC's own graph (`Repo.index.graph`); this module names no method. Dependencies:
+SLURM holds each job until its upstream jobs end well (`--dependency=afterok:...`, `--kill-on-invalid-dep=yes`); the
+local executor has no dependencies, so the launcher starts a stage's job once its upstream stages are done, and waits.
+
+What is done is what DVC says: stages `dvc status` finds unchanged here (after taking in finished jobs' entries) are
+skipped; their outputs are pushed first so jobs can pull them. Job states (`--status`) come from the state file each
+job writes (`.launch/state/`) and, for a job that died without writing one, from the scheduler (sacct) or its process.
+This module imports no torch: jobs start in a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipelines.discovery import REPO_ROOT
+
+LAUNCH_DIR = ".launch"
+SLURM, ON_THIS_MACHINE = "slurm", "local"  # the executors (--executor; "local" is not the method here)
+EXECUTORS = (SLURM, ON_THIS_MACHINE)
+STATES = ("pending", "running", "done", "failed")
+POLL_SECONDS = 1.0
+LOCK_FILE = "dvc.lock"  # the launcher itself writes it here, so it never counts as an uncommitted change
+SLURM_FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+class LaunchError(ValueError):
+    """A launch that cannot start (wrong option, dirty tree, no remote, no tracking server); one line naming the fix."""
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """One stage instance of the pipeline: its DVC name, the stages it reads from, what its job asks for."""
+
+    name: str
+    upstream: tuple[str, ...]
+    gpus: int  # training: torchrun's processes (--nproc); model work: 1; data and tables: 0
+
+
+# --- the pipeline, as DVC sees it ------------------------------------------------------------------------------------
+
+
+def pipeline(root: Path) -> list[StageJob]:
+    """Every stage instance in dependency order (upstream first), read from DVC's index."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    def name(stage) -> str:  # as `dvc` run at the root names it (DVC's `addressing` is relative to the cwd)
+        where = Path(stage.dvcfile.path).resolve()
+        return stage.name if where == root / "dvc.yaml" else f"{where.relative_to(root)}:{stage.name}"
+
+    root = Path(root).resolve()
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        order = list(reversed(list(nx.topological_sort(graph))))
+        jobs = []
+        for stage in order:
+            if not stage.cmd:  # a `.dvc` file (imported data): nothing to run
+                continue
+            match = re.search(r"--nproc[ =](\d+)", stage.cmd)
+            gpus = int(match.group(1)) if match else (1 if "--method" in stage.cmd else 0)
+            upstream = tuple(sorted(name(up) for up in graph.successors(stage) if up.cmd))
+            jobs.append(StageJob(name(stage), upstream, gpus))
+    return jobs
+
+
+def _dvc(cwd: Path, *args: str, check: bool = True, quiet: bool = True) -> subprocess.CompletedProcess:
+    """DVC as a subprocess of this interpreter (its own process and lock). quiet: output kept for the error line;
+    otherwise it goes to this process's output (a job's log)."""
+    # not quiet: all of it into the job's stderr log, with the stage's own output and any traceback
+    streams = {"capture_output": True} if quiet else {"stdout": sys.stderr.fileno(), "stderr": subprocess.STDOUT}
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, text=True, **streams)
+    if check and out.returncode != 0:
+        tail = ((out.stdout or "") + (out.stderr or "")).strip().splitlines()[-1:]
+        raise LaunchError(f"`dvc {' '.join(args)}` failed in {cwd} (exit {out.returncode})"
+                          + (f": {tail[0].strip()}" if tail else "; its output is in the job's log"))
+    return out
+
+
+def _git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LaunchError(f"`git {' '.join(args)}` failed in {root}: {(out.stderr or out.stdout).strip()[:200]}")
+    return out.stdout
+
+
+# --- checks before anything is submitted -----------------------------------------------------------------------------
+
+
+def check_executor(executor: str) -> None:
+    if executor not in EXECUTORS:
+        raise LaunchError(f"unknown executor '{executor}'; use --executor slurm (submit to a SLURM cluster) or "
+                          "--executor local (run the jobs on this machine)")
+    if executor == SLURM and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise LaunchError("no `sbatch`/`srun` on PATH: --executor slurm runs on a SLURM login node; use --executor "
+                          "local on this machine")
+
+
+def clean_commit(root: Path) -> str:
+    """The commit jobs run; uncommitted changes would silently not reach them, so they stop the launch."""
+    probe = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise LaunchError(f"{root} has no git commit; jobs check out the launched commit: `git init`, commit the "
+                          "repository, then launch again")
+    changed = [line[3:] for line in _git(root, "status", "--porcelain", "--untracked-files=all").splitlines()
+               if line[3:].strip('"') != LOCK_FILE]
+    if changed:
+        names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise LaunchError(f"uncommitted changes ({names}): jobs run the committed code only; commit or stash them, "
+                          "then launch again")
+    return probe.stdout.strip()
+
+
+def check_remote(root: Path) -> str:
+    """The default DVC remote's name: jobs push their outputs there, this worktree pulls them back."""
+    out = _dvc(root, "remote", "default", check=False)
+    name = out.stdout.strip()
+    if out.returncode != 0 or not name:
+        raise LaunchError("no default DVC remote: jobs hand their outputs back through one; add a folder every node "
+                          "can reach, e.g. `dvc remote add -d store /shared/uhrbench-dvc`, then launch again")
+    return name
+
+
+def check_tracking(uri: str | None, timeout: float = 5.0) -> str:
+    """Every job logs to one MLflow server: the URI must be http(s) and answer its /health endpoint."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        raise LaunchError(f"MLFLOW_TRACKING_URI is {uri or 'not set'}; jobs on other nodes must log to one MLflow "
+                          "server: start `mlflow server` (docs/cluster.md) and export "
+                          "MLFLOW_TRACKING_URI=http://<host>:5000")
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise LaunchError(f"cannot reach the MLflow server at {uri} ({reason}); start it (docs/cluster.md) or fix "
+                          "MLFLOW_TRACKING_URI") from None
+    return uri
+
+
+def check_resources(jobs: list[StageJob], executor: str, gpus_per_job: int | None, nodes: int) -> None:
+    nproc = max((job.gpus for job in jobs), default=1)
+    if gpus_per_job is not None and gpus_per_job != nproc:
+        raise LaunchError(f"--gpus-per-job {gpus_per_job}, but the training stages run torchrun with --nproc {nproc}; "
+                          f"set `train: {{nproc_per_node: {gpus_per_job}}}` in params.yaml, commit, and launch again")
+    if nodes != 1:
+        where = "the local executor runs on this machine" if executor == ON_THIS_MACHINE else \
+            "`bench.py train --nproc` runs torchrun on one node (--standalone)"
+        raise LaunchError(f"--nodes {nodes}: {where}; use --nodes 1 and more GPUs per node (--gpus-per-job)")
+
+
+# --- the launch folder -----------------------------------------------------------------------------------------------
+
+
+def _safe(stage: str) -> str:
+    return re.sub(r"[^A-Za-z0-9@._-]", "_", stage)
+
+
+@dataclass(frozen=True)
+class Folder:
+    """`.launch/`: job records, state files, lock entries, logs, worktrees and the shared DVC cache."""
+
+    path: Path
+
+    def record(self, stage: str) -> Path:
+        return self.path / "jobs" / f"{_safe(stage)}.json"
+
+    def state(self, stage: str) -> Path:
+        return self.path / "state" / f"{_safe(stage)}.json"
+
+    def lock(self, stage: str) -> Path:
+        return self.path / "locks" / f"{_safe(stage)}.yaml"
+
+    def worktree(self, stage: str) -> Path:
+        return self.path / "worktrees" / _safe(stage)
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def cache(self) -> Path:
+        return self.path / "cache"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic: a reader (the launcher, `--status`) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _lock_entries(lock: Path) -> dict:
+    raw = yaml.safe_load(lock.read_text()) if lock.is_file() else None
+    return dict((raw or {}).get("stages") or {})
+
+
+def _merge_lock(lock: Path, entries: dict) -> None:
+    """Put other stages' dvc.lock entries into a dvc.lock (DVC reads it as written by `dvc repro`)."""
+    raw = (yaml.safe_load(lock.read_text()) if lock.is_file() else None) or {}
+    raw.setdefault("schema", "2.0")
+    raw["stages"] = {**(raw.get("stages") or {}), **entries}
+    _write(lock, yaml.safe_dump(raw, sort_keys=False))
+
+
+# --- one job ---------------------------------------------------------------------------------------------------------
+
+
+def run_stage(folder: str, stage: str, upstream: list[str], tracking: str) -> str:
+    """The job: in the stage's worktree, pull the upstream outputs, reproduce this one stage, push its outputs and
+    hand its dvc.lock entry to the launcher. Any failure is written to the state file before it propagates."""
+    where = Folder(Path(folder))
+    worktree = where.worktree(stage)
+    state = where.state(stage)
+    started = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    _write(state, json.dumps({"state": "running", **started}))
+    try:
+        # the interpreter that launched runs the stage's `python bench.py ...`; every run logs to the one server
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        os.environ["MLFLOW_TRACKING_URI"] = tracking
+        entries = {name: (yaml.safe_load(where.lock(name).read_text()) or {}).get(name) for name in upstream}
+        missing = [name for name, entry in entries.items() if not entry]
+        if missing:
+            raise LaunchError(f"upstream stage {missing[0]} is not done (no {where.lock(missing[0])})")
+        _merge_lock(worktree / LOCK_FILE, entries)
+        if upstream:
+            _dvc(worktree, "pull", *upstream, quiet=False)
+        _dvc(worktree, "repro", "--single-item", stage, quiet=False)
+        _dvc(worktree, "push", stage, quiet=False)
+        entry = _lock_entries(worktree / LOCK_FILE).get(stage)
+        if not entry:
+            raise LaunchError(f"`dvc repro` left no entry for {stage} in {worktree / LOCK_FILE}")
+        _write(where.lock(stage), yaml.safe_dump({stage: entry}, sort_keys=False))
+        _write(state, json.dumps({"state": "done", **started, "finished": time.time()}))
+        return stage
+    except BaseException as exc:
+        _write(state, json.dumps({"state": "failed", **started, "error": str(exc).splitlines()[0][:300] if str(exc) else
+                                  exc.__class__.__name__, "finished": time.time()}))
+        raise
+
+
+# --- the launcher ----------------------------------------------------------------------------------------------------
+
+
+def collect(root: Path, where: Folder, jobs: list[StageJob]) -> list[str]:
+    """Finished jobs' dvc.lock entries into this worktree's dvc.lock, their outputs pulled from the remote."""
+    entries = {}
+    for job in jobs:
+        if where.lock(job.name).is_file():
+            entries.update(yaml.safe_load(where.lock(job.name).read_text()) or {})
+    mine = _lock_entries(root / LOCK_FILE)
+    new = {name: entry for name, entry in entries.items() if mine.get(name) != entry}
+    if new:
+        _merge_lock(root / LOCK_FILE, new)
+        _dvc(root, "pull", *new)
+    return list(new)
+
+
+def done_stages(root: Path, jobs: list[StageJob]) -> set[str]:
+    """The stages `dvc status` finds up to date in this worktree."""
+    out = _dvc(root, "status", "--json")
+    changed = set(json.loads(out.stdout.strip() or "{}"))
+    return {job.name for job in jobs if job.name not in changed}
+
+
+def prepare_worktree(root: Path, where: Folder, stage: str, commit: str) -> Path:
+    """The stage's own worktree at `commit`; an existing one is moved to it, keeping untracked outputs (last.pt)."""
+    from dvc.config import Config
+
+    path = where.worktree(stage)
+    if (path / ".git").exists():
+        _git(path, "checkout", "--quiet", "--force", "--detach", commit)
+    else:
+        _git(root, "worktree", "prune")
+        _git(root, "worktree", "add", "--quiet", "--force", "--detach", str(path), commit)
+    local = root / ".dvc" / "config.local"  # a remote added with --local lives only here
+    if local.is_file():
+        shutil.copy2(local, path / ".dvc" / "config.local")
+    with Config(dvc_dir=str(path / ".dvc")).edit(Config.LEVELS[-1]) as conf:  # the worktree's config.local
+        conf["cache"]["dir"] = str(where.cache.resolve())  # one cache for all jobs: an upstream output is stored once
+        # and linked, not copied, into each job's worktree (a prepared dataset is GBs); outputs are only ever
+        # written by `dvc repro` here, which unprotects persistent outputs (last.pt) before a stage runs
+        conf["cache"]["type"] = "reflink,hardlink,copy"
+    return path
+
+
+def _executor(executor: str, where: Folder, job: StageJob, partition: str | None, timeout_min: int,
+              dependency: list[str]):
+    import submitit
+
+    if executor == ON_THIS_MACHINE:
+        ex = submitit.LocalExecutor(folder=str(where.logs / "%j"))
+        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=job.gpus)
+        return ex
+    ex = submitit.SlurmExecutor(folder=str(where.logs / "%j"))
+    params = {"job_name": f"uhrbench:{job.name}", "time": timeout_min, "nodes": 1, "ntasks_per_node": 1,
+              "additional_parameters": {"kill-on-invalid-dep": "yes"}}  # a job after a failed one ends, not waits
+    if job.gpus:
+        params["gpus_per_node"] = job.gpus
+    if partition:
+        params["partition"] = partition
+    if dependency:
+        params["dependency"] = "afterok:" + ":".join(dependency)
+    ex.update_parameters(**params)
+    return ex
+
+
+def job_state(where: Folder, stage: str, live=None) -> str:
+    """pending / running / done / failed, or '-' for a stage no job was launched for."""
+    state = (_read_json(where.state(stage)) or {}).get("state")
+    if state in ("done", "failed"):
+        return state
+    record = _read_json(where.record(stage))
+    if record is None:
+        return "done" if where.lock(stage).is_file() else "-"
+    if live is not None:  # the launcher's own submitit job: it knows its process
+        alive = live.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "UNKNOWN")
+        return (state or "pending") if alive else "failed"
+    if record["executor"] == SLURM:
+        import submitit
+
+        slurm = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"]).state.split(" ")[0]
+        if slurm in SLURM_FAILED:
+            return "failed"
+        return "running" if slurm == "RUNNING" else (state or "pending")
+    alive = record.get("host") == socket.gethostname() and _pid_alive(int(record["job_id"]))
+    return (state or "running") if alive else "failed"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def launch(executor: str, partition: str | None = None, gpus_per_job: int | None = None, nodes: int = 1,
+           timeout_min: int = 24 * 60, wait: bool | None = None, root: Path = REPO_ROOT) -> list[str]:
+    """Submit a job for every stage instance DVC does not find done; returns the lines to print."""
+    from tqdm import tqdm
+
+    check_executor(executor)
+    root = Path(root).resolve()
+    commit = clean_commit(root)
+    check_remote(root)
+    tracking = check_tracking(os.environ.get("MLFLOW_TRACKING_URI"))
+    jobs = pipeline(root)
+    check_resources(jobs, executor, gpus_per_job, nodes)
+    where = Folder(root / LAUNCH_DIR)
+    # jobs unpickle `run_stage` from this repository, wherever the scheduler starts them (both executors pass the
+    # environment on)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    by_name = {job.name: job for job in jobs}
+
+    collect(root, where, jobs)
+    done = done_stages(root, jobs)
+    if done:  # what this worktree already has (earlier launches, local `dvc repro`) must be on the remote for the jobs
+        _dvc(root, "push", *sorted(done))
+    mine = _lock_entries(root / LOCK_FILE)
+    for name in done:
+        if mine.get(name):
+            _write(where.lock(name), yaml.safe_dump({name: mine[name]}, sort_keys=False))
+    in_flight = {job.name for job in jobs if job.name not in done and job_state(where, job.name) in ("pending",
+                                                                                                      "running")}
+    todo = [job for job in jobs if job.name not in done and job.name not in in_flight]
+    lines = [f"{len(done)} of {len(jobs)} stages done" + (f", {len(in_flight)} still running from an earlier launch"
+                                                          if in_flight else "")]
+    if not todo and not in_flight:
+        return [*lines, "nothing to launch; `dvc status` here is clean"]
+    for job in todo:
+        for stale in (where.lock(job.name), where.state(job.name), where.record(job.name)):
+            stale.unlink(missing_ok=True)
+        prepare_worktree(root, where, job.name, commit)
+
+    live: dict = {}
+
+    def submit(job: StageJob) -> None:
+        after = [(_read_json(where.record(up)) or {}).get("job_id") for up in job.upstream if up not in done]
+        ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a])
+        submitted = ex.submit(run_stage, str(where.path), job.name, list(job.upstream), tracking)
+        live[job.name] = submitted
+        _write(where.record(job.name), json.dumps({
+            "stage": job.name, "job_id": str(submitted.job_id), "executor": executor, "host": socket.gethostname(),
+            "folder": str(where.logs / "%j"), "log": str(submitted.paths.stderr), "commit": commit,
+            "submitted": time.time()}))
+
+    if executor == SLURM:
+        for job in todo:  # upstream first: each job names its upstream jobs' ids
+            submit(job)
+        lines.append(f"submitted {len(todo)} jobs to SLURM; `python bench.py launch --status` follows them")
+        if not wait:
+            return [*lines, "when they are done, `python bench.py launch` again brings their outputs into this "
+                            "worktree (or add --wait)"]
+
+    waiting = {job.name for job in todo} | in_flight
+    failed: set[str] = set()
+    with tqdm(total=len(waiting), desc="stages", unit="stage", file=sys.stderr) as bar:
+        while waiting:
+            for name in sorted(waiting):
+                state = job_state(where, name, live.get(name))
+                if name not in live and name not in in_flight and executor == ON_THIS_MACHINE:
+                    ups = by_name[name].upstream
+                    if any(up in failed for up in ups):
+                        failed.add(name)  # never started: an upstream stage failed
+                        waiting.discard(name)
+                        bar.update()
+                    elif all(up in done for up in ups):
+                        submit(by_name[name])
+                    continue
+                if state in ("done", "failed"):
+                    (done if state == "done" else failed).add(name)
+                    waiting.discard(name)
+                    bar.set_postfix_str(f"{len(failed)} failed" if failed else "")
+                    bar.update()
+            time.sleep(POLL_SECONDS if waiting else 0)
+    taken = collect(root, where, jobs)
+    lines.append(f"{len(taken)} finished stages taken into dvc.lock and pulled")
+    if failed:
+        shown = ", ".join(sorted(failed)[:3]) + (" ..." if len(failed) > 3 else "")
+        raise LaunchError(f"{len(failed)} stages failed or were not run ({shown}); `python bench.py launch --status` "
+                          "names their logs; fix the cause and launch again (finished stages are kept)")
+    return lines
+
+
+def status(root: Path = REPO_ROOT) -> str:
+    """`--status`: stage, job id, state and log of every stage instance, upstream first."""
+    from tabulate import tabulate
+
+    root = Path(root).resolve()
+    where = Folder(root / LAUNCH_DIR)
+    rows = []
+    for job in pipeline(root):
+        record = _read_json(where.record(job.name)) or {}
+        log = record.get("log", "")
+        rows.append([job.name, record.get("job_id", "-"), job_state(where, job.name),
+                     os.path.relpath(log, root) if log else "-"])
+    return tabulate(rows, headers=["stage", "job", "state", "log"], tablefmt="simple")

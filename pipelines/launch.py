@@ -34,12 +34,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import submitit
 import yaml
 
 from pipelines.discovery import REPO_ROOT
 
 LAUNCH_DIR = ".launch"
-SLURM, ON_THIS_MACHINE = "slurm", "local"  # the executors (--executor; "local" is not the method here)
+# the executors `--executor` takes, as submitit names them ("slurm", "local")
+SLURM, ON_THIS_MACHINE = submitit.SlurmExecutor.name(), submitit.LocalExecutor.name()
 EXECUTORS = (SLURM, ON_THIS_MACHINE)
 STATES = ("pending", "running", "done", "failed")
 POLL_SECONDS = 1.0
@@ -316,8 +318,6 @@ def prepare_worktree(root: Path, where: Folder, stage: str, commit: str) -> Path
 
 def _executor(executor: str, where: Folder, job: StageJob, partition: str | None, timeout_min: int,
               dependency: list[str]):
-    import submitit
-
     if executor == ON_THIS_MACHINE:
         ex = submitit.LocalExecutor(folder=str(where.logs / "%j"))
         ex.update_parameters(timeout_min=timeout_min, gpus_per_node=job.gpus)
@@ -347,8 +347,6 @@ def job_state(where: Folder, stage: str, live=None) -> str:
         alive = live.state in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "UNKNOWN")
         return (state or "pending") if alive else "failed"
     if record["executor"] == SLURM:
-        import submitit
-
         slurm = submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"]).state.split(" ")[0]
         if slurm in SLURM_FAILED:
             return "failed"

@@ -99,7 +99,9 @@ def _torchrun(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             argv.append(arg)
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    # one node unless a rendezvous is given (bench.py launch --nodes M sets torchrun's PET_RDZV_* variables)
+    standalone = [] if os.environ.get("PET_RDZV_ENDPOINT") else ["--standalone"]
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", *standalone,
                             f"--nproc_per_node={nproc}", sys.argv[0], *argv])
 
 
@@ -197,8 +199,8 @@ def prepare(dataset: str, source: str | None, force: bool, allow_incomplete: boo
 def train(dataset: str, method: str, device: str, nproc: int, params: str | None, overrides: tuple[str, ...]) -> None:
     """Train a method on a dataset with its recipe for the current profile.
 
-    Multi-node: launch `torchrun ... bench.py train ...` yourself; each process joins the group."""
-    if nproc > 1 and "RANK" not in os.environ:
+    Multi-node: `bench.py launch --nodes M`, or set torchrun's PET_NNODES / PET_RDZV_* variables on every node."""
+    if (nproc > 1 or os.environ.get("PET_RDZV_ENDPOINT")) and "RANK" not in os.environ:
         sys.exit(_torchrun(nproc))
     from pipelines.train import train as run
 

@@ -60,6 +60,12 @@ class StageJob:
     name: str
     upstream: tuple[str, ...]
     gpus: int  # training: torchrun's processes (--nproc); model work: 1; data and tables: 0
+    cmd: str = ""  # the stage's command, as DVC resolved it
+
+    @property
+    def trains(self) -> bool:
+        """A training stage: its command runs torchrun (`--nproc`), so it can span nodes."""
+        return "--nproc" in self.cmd
 
 
 # --- the pipeline, as DVC sees it ------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ def pipeline(root: Path) -> list[StageJob]:
             match = re.search(r"--nproc[ =](\d+)", stage.cmd)
             gpus = int(match.group(1)) if match else (1 if "--method" in stage.cmd else 0)
             upstream = tuple(sorted(name(up) for up in graph.successors(stage) if up.cmd))
-            jobs.append(StageJob(name(stage), upstream, gpus))
+            jobs.append(StageJob(name(stage), upstream, gpus, stage.cmd))
     return jobs
 
 
@@ -162,15 +168,11 @@ def check_tracking(uri: str | None, timeout: float = 5.0) -> str:
     return uri
 
 
-def check_resources(jobs: list[StageJob], executor: str, gpus_per_job: int | None, nodes: int) -> None:
+def check_resources(jobs: list[StageJob], gpus_per_job: int | None) -> None:
     nproc = max((job.gpus for job in jobs), default=1)
     if gpus_per_job is not None and gpus_per_job != nproc:
         raise LaunchError(f"--gpus-per-job {gpus_per_job}, but the training stages run torchrun with --nproc {nproc}; "
                           f"set `train: {{nproc_per_node: {gpus_per_job}}}` in params.yaml, commit, and launch again")
-    if nodes != 1:
-        where = "the local executor runs on this machine" if executor == ON_THIS_MACHINE else \
-            "`bench.py train --nproc` runs torchrun on one node (--standalone)"
-        raise LaunchError(f"--nodes {nodes}: {where}; use --nodes 1 and more GPUs per node (--gpus-per-job)")
 
 
 # --- the launch folder -----------------------------------------------------------------------------------------------
@@ -238,18 +240,66 @@ def _merge_lock(lock: Path, entries: dict) -> None:
 # --- one job ---------------------------------------------------------------------------------------------------------
 
 
-def run_stage(folder: str, stage: str, upstream: list[str], tracking: str) -> str:
+RENDEZVOUS_TIMEOUT_S = 3600  # the other nodes wait this long for the first one (it pulls the data first)
+
+
+def node_group() -> tuple[int, int, str, str]:
+    """(this task's rank, number of tasks, the first task's host, job id) of the running submitit job; a multi-node
+    training job has one task per node. (0, 1, "", "") outside a job."""
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:
+        return 0, 1, "", ""
+    # the local executor's tasks are "nodes" on this machine (--nodes with --executor local tries the path)
+    host = env.hostnames[0] if env.num_nodes > 1 else "127.0.0.1"
+    return env.global_rank, env.num_tasks, host, str(env.job_id)
+
+
+def join_rendezvous(rank: int, nodes: int, host: str, job_id: str) -> None:
+    """Point this node's torchrun at one rendezvous on the first node: `bench.py train` runs torchrun, which reads
+    its --nnodes / --rdzv-* options from these PET_* variables (torch.distributed.run)."""
+    port = 29500 + int(re.sub(r"\D", "", job_id) or 0) % 1000  # two jobs sharing a first node get two ports
+    os.environ.update(PET_NNODES=str(nodes), PET_RDZV_BACKEND="c10d", PET_RDZV_ENDPOINT=f"{host}:{port}",
+                      PET_RDZV_ID=job_id, PET_RDZV_CONF=f"is_host={int(rank == 0)},join_timeout="
+                      f"{RENDEZVOUS_TIMEOUT_S},read_timeout={RENDEZVOUS_TIMEOUT_S}")
+
+
+def follow(stage: str, command: str, worktree: Path, state: Path) -> str:
+    """Another node of a multi-node training: the stage's command in the first node's worktree, stopped when the
+    first node's job fails (its torchrun would otherwise wait for a rendezvous that never comes)."""
+    proc = subprocess.Popen(command, shell=True, cwd=worktree)
+    while proc.poll() is None:
+        if (_read_json(state) or {}).get("state") == "failed":
+            proc.terminate()
+            proc.wait()
+            raise LaunchError(f"{stage}: the first node's job failed; this node stopped")
+        time.sleep(POLL_SECONDS)
+    if proc.returncode:
+        raise LaunchError(f"{stage}: `{command}` failed on this node (exit {proc.returncode})")
+    return stage
+
+
+def run_stage(folder: str, stage: str, upstream: list[str], tracking: str, command: str = "") -> str:
     """The job: in the stage's worktree, pull the upstream outputs, reproduce this one stage, push its outputs and
-    hand its dvc.lock entry to the launcher. Any failure is written to the state file before it propagates."""
+    hand its dvc.lock entry to the launcher. Any failure is written to the state file before it propagates.
+
+    A training job on several nodes runs this once per node: the first node does all of the above, its `dvc repro`
+    starting torchrun as the rendezvous host; every other node runs the stage's `command` in the same worktree (on
+    shared storage), whose torchrun joins that rendezvous, and writes no state."""
     where = Folder(Path(folder))
     worktree = where.worktree(stage)
+    # the interpreter that launched runs the stage's `python bench.py ...`; every run logs to the one server
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    rank, nodes, host, job_id = node_group()
+    if nodes > 1:
+        join_rendezvous(rank, nodes, host, job_id)
+        if rank > 0:
+            return follow(stage, command, worktree, where.state(stage))
     state = where.state(stage)
     started = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     _write(state, json.dumps({"state": "running", **started}))
     try:
-        # the interpreter that launched runs the stage's `python bench.py ...`; every run logs to the one server
-        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        os.environ["MLFLOW_TRACKING_URI"] = tracking
         entries = {name: (yaml.safe_load(where.lock(name).read_text()) or {}).get(name) for name in upstream}
         missing = [name for name, entry in entries.items() if not entry]
         if missing:
@@ -317,13 +367,14 @@ def prepare_worktree(root: Path, where: Folder, stage: str, commit: str) -> Path
 
 
 def _executor(executor: str, where: Folder, job: StageJob, partition: str | None, timeout_min: int,
-              dependency: list[str]):
+              dependency: list[str], nodes: int = 1):
+    nodes = nodes if job.trains else 1  # one task per node: each runs torchrun with the job's GPUs
     if executor == ON_THIS_MACHINE:
         ex = submitit.LocalExecutor(folder=str(where.logs / "%j"))
-        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=job.gpus)
+        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=job.gpus, tasks_per_node=nodes)
         return ex
     ex = submitit.SlurmExecutor(folder=str(where.logs / "%j"))
-    params = {"job_name": f"uhrbench:{job.name}", "time": timeout_min, "nodes": 1, "ntasks_per_node": 1,
+    params = {"job_name": f"uhrbench:{job.name}", "time": timeout_min, "nodes": nodes, "ntasks_per_node": 1,
               "additional_parameters": {"kill-on-invalid-dep": "yes"}}  # a job after a failed one ends, not waits
     if job.gpus:
         params["gpus_per_node"] = job.gpus
@@ -376,7 +427,7 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
     check_remote(root)
     tracking = check_tracking(os.environ.get("MLFLOW_TRACKING_URI"))
     jobs = pipeline(root)
-    check_resources(jobs, executor, gpus_per_job, nodes)
+    check_resources(jobs, gpus_per_job)
     where = Folder(root / LAUNCH_DIR)
     # jobs unpickle `run_stage` from this repository, wherever the scheduler starts them (both executors pass the
     # environment on)
@@ -407,8 +458,8 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
 
     def submit(job: StageJob) -> None:
         after = [(_read_json(where.record(up)) or {}).get("job_id") for up in job.upstream if up not in done]
-        ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a])
-        submitted = ex.submit(run_stage, str(where.path), job.name, list(job.upstream), tracking)
+        ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a], nodes)
+        submitted = ex.submit(run_stage, str(where.path), job.name, list(job.upstream), tracking, job.cmd)
         live[job.name] = submitted
         _write(where.record(job.name), json.dumps({
             "stage": job.name, "job_id": str(submitted.job_id), "executor": executor, "host": socket.gethostname(),

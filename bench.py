@@ -389,14 +389,16 @@ def report(params: str | None) -> None:
               help="GPUs of a training job (default and required: train.nproc_per_node); evaluation and measurement "
                    "jobs get 1, data and report jobs none")
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="nodes per training job")
+@click.option("--slurm", "slurm", multiple=True, metavar="KEY=VALUE", help="another sbatch option for every job, as "
+              "sbatch spells it (repeatable): account=P, qos=Q, constraint=C, cpus-per-task=N, mem=64G")
 @click.option("--time", "timeout_min", type=click.IntRange(min=1), default=24 * 60, show_default=True,
               help="time limit of each job in minutes (an interrupted training resumes on the next launch)")
 @click.option("--wait/--no-wait", default=None, help="wait for the jobs and take their outputs in (default: local "
               "waits, slurm returns after submitting)")
 @click.option("--status", "show_status", is_flag=True, help="list every stage's job, state and log; submit nothing")
 @one_line_errors
-def launch(executor: str, partition: str | None, gpus_per_job: int | None, nodes: int, timeout_min: int,
-           wait: bool | None, show_status: bool) -> None:
+def launch(executor: str, partition: str | None, gpus_per_job: int | None, nodes: int, slurm: tuple[str, ...],
+           timeout_min: int, wait: bool | None, show_status: bool) -> None:
     """Run the DVC pipeline as one job per stage instance (SLURM or local, through submitit), each in its own git
     worktree, outputs through the DVC remote, every run logged to one MLflow server (docs/cluster.md).
 
@@ -407,7 +409,7 @@ def launch(executor: str, partition: str | None, gpus_per_job: int | None, nodes
     if show_status:
         click.echo(status())
         return
-    for line in run(executor, partition, gpus_per_job, nodes, timeout_min, wait):
+    for line in run(executor, partition, gpus_per_job, nodes, timeout_min, wait, slurm=slurm):
         click.echo(line)
 
 

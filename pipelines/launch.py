@@ -46,6 +46,11 @@ EXECUTORS = (SLURM, ON_THIS_MACHINE)
 STATES = ("pending", "running", "done", "failed")
 POLL_SECONDS = 1.0
 LOCK_FILE = "dvc.lock"  # the launcher itself writes it here, so it never counts as an uncommitted change
+# sbatch options the launcher sets for every job, and the launch option (if any) that sets each: `--slurm` may not
+# give them again (sbatch would take whichever line comes last)
+OWN_SBATCH = {"job-name": None, "time": "--time", "nodes": "--nodes", "ntasks-per-node": "--nodes",
+              "gpus-per-node": "--gpus-per-job", "partition": "--partition", "dependency": None,
+              "kill-on-invalid-dep": None, "output": None, "error": None, "open-mode": None, "array": None}
 SLURM_FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
 
@@ -173,6 +178,27 @@ def check_resources(jobs: list[StageJob], gpus_per_job: int | None) -> None:
     if gpus_per_job is not None and gpus_per_job != nproc:
         raise LaunchError(f"--gpus-per-job {gpus_per_job}, but the training stages run torchrun with --nproc {nproc}; "
                           f"set `train: {{nproc_per_node: {gpus_per_job}}}` in params.yaml, commit, and launch again")
+
+
+def slurm_options(executor: str, options: tuple[str, ...] | list[str]) -> dict[str, str | bool]:
+    """`--slurm KEY=VALUE` (or a bare `KEY` flag), repeatable: more sbatch options for every job (account, qos,
+    constraint, cpus-per-task, mem), as `#SBATCH --KEY=VALUE` lines."""
+    if options and executor != SLURM:
+        raise LaunchError(f"--slurm {options[0]}: sbatch options apply to --executor slurm only; leave them out "
+                          "with --executor local")
+    parsed: dict[str, str | bool] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip().lstrip("-").replace("_", "-")
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", key) or (sep and not value.strip()):
+            raise LaunchError(f"--slurm {option!r} is not an sbatch option: write KEY=VALUE as sbatch spells its long "
+                              "option, e.g. --slurm account=myproject --slurm cpus-per-task=16 --slurm mem=64G")
+        if key in OWN_SBATCH:
+            own = OWN_SBATCH[key]
+            raise LaunchError(f"--slurm {option}: the launcher sets --{key} itself" + (f"; use launch's {own} option"
+                                                                                     if own else ""))
+        parsed[key] = value.strip() if sep else True
+    return parsed
 
 
 # --- the launch folder -----------------------------------------------------------------------------------------------
@@ -367,7 +393,7 @@ def prepare_worktree(root: Path, where: Folder, stage: str, commit: str) -> Path
 
 
 def _executor(executor: str, where: Folder, job: StageJob, partition: str | None, timeout_min: int,
-              dependency: list[str], nodes: int = 1):
+              dependency: list[str], nodes: int = 1, extra: dict | None = None):
     nodes = nodes if job.trains else 1  # one task per node: each runs torchrun with the job's GPUs
     if executor == ON_THIS_MACHINE:
         ex = submitit.LocalExecutor(folder=str(where.logs / "%j"))
@@ -375,7 +401,8 @@ def _executor(executor: str, where: Folder, job: StageJob, partition: str | None
         return ex
     ex = submitit.SlurmExecutor(folder=str(where.logs / "%j"))
     params = {"job_name": f"uhrbench:{job.name}", "time": timeout_min, "nodes": nodes, "ntasks_per_node": 1,
-              "additional_parameters": {"kill-on-invalid-dep": "yes"}}  # a job after a failed one ends, not waits
+              # a job after a failed one ends, not waits
+              "additional_parameters": {**(extra or {}), "kill-on-invalid-dep": "yes"}}
     if job.gpus:
         params["gpus_per_node"] = job.gpus
     if partition:
@@ -417,11 +444,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def launch(executor: str, partition: str | None = None, gpus_per_job: int | None = None, nodes: int = 1,
-           timeout_min: int = 24 * 60, wait: bool | None = None, root: Path = REPO_ROOT) -> list[str]:
+           timeout_min: int = 24 * 60, wait: bool | None = None, root: Path = REPO_ROOT,
+           slurm: tuple[str, ...] = ()) -> list[str]:
     """Submit a job for every stage instance DVC does not find done; returns the lines to print."""
     from tqdm import tqdm
 
     check_executor(executor)
+    extra = slurm_options(executor, slurm)
     root = Path(root).resolve()
     commit = clean_commit(root)
     check_remote(root)
@@ -458,7 +487,7 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
 
     def submit(job: StageJob) -> None:
         after = [(_read_json(where.record(up)) or {}).get("job_id") for up in job.upstream if up not in done]
-        ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a], nodes)
+        ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a], nodes, extra)
         submitted = ex.submit(run_stage, str(where.path), job.name, list(job.upstream), tracking, job.cmd)
         live[job.name] = submitted
         _write(where.record(job.name), json.dumps({

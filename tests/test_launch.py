@@ -283,7 +283,8 @@ def test_slurm_submission(small_repo, mlflow_server, tmp_path):
     for name in ("sbatch", "sacct", "srun"):
         (bin_dir / name).chmod(0o755)
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    out = bench(small_repo, env, "launch", "--executor", "slurm", "--partition", "gpu", "--time", "90", "--nodes", "2")
+    out = bench(small_repo, env, "launch", "--executor", "slurm", "--partition", "gpu", "--time", "90", "--nodes", "2",
+                "--slurm", "account=uhr-proj", "--slurm", "cpus_per_task=8", "--slurm", "exclusive")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 of 20 stages done" in out.stdout and "submitted 20 jobs to SLURM" in out.stdout
     records = {}
@@ -298,6 +299,9 @@ def test_slurm_submission(small_repo, mlflow_server, tmp_path):
     # --nodes 2: training jobs span two nodes, one task (one torchrun) each; the others stay on one node
     assert all(("#SBATCH --nodes=2" in script) == name.startswith("train") for name, script in scripts.items())
     assert all("#SBATCH --ntasks-per-node=1" in script for script in scripts.values())
+    # --slurm: more sbatch options on every job, spelt as sbatch spells them
+    assert all("#SBATCH --account=uhr-proj\n" in s and "#SBATCH --cpus-per-task=8\n" in s and "#SBATCH --exclusive\n"
+               in s for s in scripts.values())
 
     def after(script: str) -> list[str]:
         return sorted(script.split("--dependency=afterok:")[1].split("\n")[0].split(":")) if "afterok" in script \
@@ -314,6 +318,25 @@ def test_slurm_submission(small_repo, mlflow_server, tmp_path):
     again = bench(small_repo, env, "launch", "--executor", "slurm")
     assert again.returncode == 0 and "20 still running" in again.stdout, again.stdout + again.stderr
     assert len(list((bin_dir / "sbatch.d").iterdir())) == 20
+
+
+@pytest.mark.parametrize("executor, option, expect", [
+    ("slurm", "time=30", "sets --time itself; use launch's --time option"),
+    ("slurm", "gpus_per_node=2", "use launch's --gpus-per-job option"),
+    ("slurm", "dependency=afterany:1", "the launcher sets --dependency itself"),
+    ("slurm", "mem=", "is not an sbatch option"),
+    ("slurm", "=64G", "is not an sbatch option"),
+    ("local", "account=p", "apply to --executor slurm only")])
+def test_bad_slurm_option(small_repo, tmp_path, executor, option, expect):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun"):  # never called: the option is refused before anything is submitted
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    line = one_line(bench(small_repo, env, "launch", "--executor", executor, "--slurm", option))
+    assert expect in line and option in line
+    assert not (small_repo / ".launch" / "jobs").exists()
 
 
 def test_status_before_any_launch(small_repo):

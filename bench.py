@@ -391,6 +391,8 @@ def report(params: str | None) -> None:
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True, help="nodes per training job")
 @click.option("--slurm", "slurm", multiple=True, metavar="KEY=VALUE", help="another sbatch option for every job, as "
               "sbatch spells it (repeatable): account=P, qos=Q, constraint=C, cpus-per-task=N, mem=64G")
+@click.option("--jobs", "jobs_at_once", type=click.IntRange(min=1), default=None, help="local executor: jobs at once "
+              "(default: one per GPU of this machine, one without GPUs); a measurement always runs alone")
 @click.option("--time", "timeout_min", type=click.IntRange(min=1), default=24 * 60, show_default=True,
               help="time limit of each job in minutes (an interrupted training resumes on the next launch)")
 @click.option("--wait/--no-wait", default=None, help="wait for the jobs and take their outputs in (default: local "
@@ -398,7 +400,7 @@ def report(params: str | None) -> None:
 @click.option("--status", "show_status", is_flag=True, help="list every stage's job, state and log; submit nothing")
 @one_line_errors
 def launch(executor: str, partition: str | None, gpus_per_job: int | None, nodes: int, slurm: tuple[str, ...],
-           timeout_min: int, wait: bool | None, show_status: bool) -> None:
+           jobs_at_once: int | None, timeout_min: int, wait: bool | None, show_status: bool) -> None:
     """Run the DVC pipeline as one job per stage instance (SLURM or local, through submitit), each in its own git
     worktree, outputs through the DVC remote, every run logged to one MLflow server (docs/cluster.md).
 
@@ -409,7 +411,8 @@ def launch(executor: str, partition: str | None, gpus_per_job: int | None, nodes
     if show_status:
         click.echo(status())
         return
-    for line in run(executor, partition, gpus_per_job, nodes, timeout_min, wait, slurm=slurm):
+    for line in run(executor, partition, gpus_per_job, nodes, timeout_min, wait, slurm=slurm,
+                    jobs_at_once=jobs_at_once):
         click.echo(line)
 
 

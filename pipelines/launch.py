@@ -12,7 +12,8 @@ re-launched training stage finds its `last.pt` there and resumes.
 
 The stages and their order come from DVC's own graph (`Repo.index.graph`); this module names no method. Dependencies:
 SLURM holds each job until its upstream jobs end well (`--dependency=afterok:...`, `--kill-on-invalid-dep=yes`); the
-local executor has no dependencies, so the launcher starts a stage's job once its upstream stages are done, and waits.
+local executor has no dependencies, so the launcher starts a stage's job once its upstream stages are done and the
+machine has room for it (`LocalSlots`: GPUs of its own, at most --jobs at once, a measurement alone), and waits.
 
 What is done is what DVC says: stages `dvc status` finds unchanged here (after taking in finished jobs' entries) are
 skipped; their outputs are pushed first so jobs can pull them. Job states (`--status`) come from the state file each
@@ -71,6 +72,12 @@ class StageJob:
     def trains(self) -> bool:
         """A training stage: its command runs torchrun (`--nproc`), so it can span nodes."""
         return "--nproc" in self.cmd
+
+    @property
+    def times(self) -> bool:
+        """A timing stage (`bench.py measure`): on this machine it runs alone, so no other job shares its CPU or GPU
+        while it is timed."""
+        return " measure " in f" {self.cmd} "
 
 
 # --- the pipeline, as DVC sees it ------------------------------------------------------------------------------------
@@ -392,12 +399,68 @@ def prepare_worktree(root: Path, where: Folder, stage: str, commit: str) -> Path
     return path
 
 
+def machine_gpus() -> list[int]:
+    """The GPUs the local executor hands out, by index: CUDA_VISIBLE_DEVICES where set, else what nvidia-smi lists;
+    none on a machine without an NVIDIA GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None and shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True)
+        visible = ",".join(out.stdout.split()) if out.returncode == 0 else ""
+    ids = [part.strip() for part in (visible or "").split(",") if part.strip()]
+    if not all(part.isdigit() for part in ids):
+        raise LaunchError(f"CUDA_VISIBLE_DEVICES={visible}: the local executor hands out GPUs by index; give indices "
+                          "(e.g. 0,1) or unset it")
+    return [int(part) for part in ids]
+
+
+class LocalSlots:
+    """What the local executor may start now: at most `jobs` jobs at once, each on GPUs of its own (a training job
+    needs its `--nproc` GPUs free), and a timing job alone (nothing starts while it runs, it starts when nothing
+    runs), so a measurement never shares the machine. On a machine without GPUs only `jobs` limits."""
+
+    def __init__(self, gpus: list[int], jobs: int | None = None):
+        self.free = list(gpus)
+        self.has_gpus = bool(gpus)
+        self.jobs = jobs or max(1, len(gpus))
+        self.running: dict[str, tuple[list[int], bool]] = {}  # stage -> (its GPUs, a timing job)
+
+    def check(self, stages: list[StageJob]) -> None:
+        """Refuse a launch with a stage this machine can never run (it would wait forever)."""
+        need = max((job for job in stages), key=lambda job: job.gpus, default=None)
+        if self.has_gpus and need is not None and need.gpus > len(self.free):
+            raise LaunchError(f"{need.name} needs {need.gpus} GPUs, this machine has {len(self.free)} "
+                              f"({','.join(map(str, self.free))}); set `train: {{nproc_per_node: {len(self.free)}}}` "
+                              "in params.yaml, commit, and launch again")
+
+    def take(self, job: StageJob) -> list[int] | None:
+        """The GPUs `job` runs on (empty: none needed, or a machine without GPUs) if it may start now, else None."""
+        if any(times for _, times in self.running.values()) or (job.times and self.running):
+            return None
+        need = job.gpus if self.has_gpus else 0
+        if len(self.running) >= self.jobs or need > len(self.free):
+            return None
+        gpus, self.free = self.free[:need], self.free[need:]
+        self.running[job.name] = (gpus, job.times)
+        return gpus
+
+    def hold(self, stage: str) -> None:
+        """A job of an earlier launch still running: it counts as a job (its GPUs are not known here)."""
+        self.running[stage] = ([], False)
+
+    def release(self, stage: str) -> None:
+        gpus, _ = self.running.pop(stage, ([], False))
+        self.free = sorted(self.free + gpus)
+
+
 def _executor(executor: str, where: Folder, job: StageJob, partition: str | None, timeout_min: int,
-              dependency: list[str], nodes: int = 1, extra: dict | None = None):
+              dependency: list[str], nodes: int = 1, extra: dict | None = None, gpus: list[int] | None = None):
     nodes = nodes if job.trains else 1  # one task per node: each runs torchrun with the job's GPUs
     if executor == ON_THIS_MACHINE:
         ex = submitit.LocalExecutor(folder=str(where.logs / "%j"))
-        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=job.gpus, tasks_per_node=nodes)
+        # CUDA_VISIBLE_DEVICES = the GPUs the slots gave this job (none: an empty list)
+        ex.update_parameters(timeout_min=timeout_min, gpus_per_node=len(gpus or []), tasks_per_node=nodes,
+                             **({"visible_gpus": tuple(gpus)} if gpus else {}))
         return ex
     ex = submitit.SlurmExecutor(folder=str(where.logs / "%j"))
     params = {"job_name": f"uhrbench:{job.name}", "time": timeout_min, "nodes": nodes, "ntasks_per_node": 1,
@@ -445,18 +508,24 @@ def _pid_alive(pid: int) -> bool:
 
 def launch(executor: str, partition: str | None = None, gpus_per_job: int | None = None, nodes: int = 1,
            timeout_min: int = 24 * 60, wait: bool | None = None, root: Path = REPO_ROOT,
-           slurm: tuple[str, ...] = ()) -> list[str]:
+           slurm: tuple[str, ...] = (), jobs_at_once: int | None = None) -> list[str]:
     """Submit a job for every stage instance DVC does not find done; returns the lines to print."""
     from tqdm import tqdm
 
     check_executor(executor)
     extra = slurm_options(executor, slurm)
+    if jobs_at_once is not None and executor != ON_THIS_MACHINE:
+        raise LaunchError(f"--jobs {jobs_at_once}: it limits the local executor; SLURM runs as many jobs as the "
+                          "cluster gives (leave --jobs out with --executor slurm)")
     root = Path(root).resolve()
     commit = clean_commit(root)
     check_remote(root)
-    tracking = check_tracking(os.environ.get("MLFLOW_TRACKING_URI"))
     jobs = pipeline(root)
     check_resources(jobs, gpus_per_job)
+    slots = LocalSlots(machine_gpus(), jobs_at_once) if executor == ON_THIS_MACHINE else None
+    if slots:
+        slots.check(jobs)
+    tracking = check_tracking(os.environ.get("MLFLOW_TRACKING_URI"))
     where = Folder(root / LAUNCH_DIR)
     # jobs unpickle `run_stage` from this repository, wherever the scheduler starts them (both executors pass the
     # environment on)
@@ -485,9 +554,9 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
 
     live: dict = {}
 
-    def submit(job: StageJob) -> None:
+    def submit(job: StageJob, gpus: list[int] | None = None) -> None:
         after = [(_read_json(where.record(up)) or {}).get("job_id") for up in job.upstream if up not in done]
-        ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a], nodes, extra)
+        ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a], nodes, extra, gpus)
         submitted = ex.submit(run_stage, str(where.path), job.name, list(job.upstream), tracking, job.cmd)
         live[job.name] = submitted
         _write(where.record(job.name), json.dumps({
@@ -505,6 +574,8 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
 
     waiting = {job.name for job in todo} | in_flight
     failed: set[str] = set()
+    for name in in_flight if slots else ():
+        slots.hold(name)
     with tqdm(total=len(waiting), desc="stages", unit="stage", file=sys.stderr) as bar:
         while waiting:
             for name in sorted(waiting):
@@ -515,10 +586,12 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
                         failed.add(name)  # never started: an upstream stage failed
                         waiting.discard(name)
                         bar.update()
-                    elif all(up in done for up in ups):
-                        submit(by_name[name])
+                    elif all(up in done for up in ups) and (gpus := slots.take(by_name[name])) is not None:
+                        submit(by_name[name], gpus)
                     continue
                 if state in ("done", "failed"):
+                    if slots:
+                        slots.release(name)
                     (done if state == "done" else failed).add(name)
                     waiting.discard(name)
                     bar.set_postfix_str(f"{len(failed)} failed" if failed else "")

@@ -125,9 +125,11 @@ def test_launch_local_end_to_end(copy_repo, tmp_path, mlflow_server):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILL_HOOK)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(hook), KILL_STAGE=KILLED)
+    # no GPUs for the jobs, on any machine: --jobs alone says how many run at once
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(hook), KILL_STAGE=KILLED,
+               CUDA_VISIBLE_DEVICES="")
 
-    first = bench(repo, env, "launch", "--executor", "local")
+    first = bench(repo, env, "launch", "--executor", "local", "--jobs", "2")
     assert first.returncode == 1, first.stdout + first.stderr
     assert "failed or were not run" in first.stderr and KILLED in first.stderr
     table = states(bench(repo, env, "launch", "--status").stdout)
@@ -142,7 +144,7 @@ def test_launch_local_end_to_end(copy_repo, tmp_path, mlflow_server):
     assert (worktree / "checkpoints" / "synthetic" / "global@seed1" / "last.pt").is_file()
 
     env.pop("KILL_STAGE")
-    second = bench(repo, env, "launch", "--executor", "local")
+    second = bench(repo, env, "launch", "--executor", "local", "--jobs", "2")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "9 of 12 stages done" in second.stdout
     table = states(bench(repo, env, "launch", "--status").stdout)
@@ -156,6 +158,14 @@ def test_launch_local_end_to_end(copy_repo, tmp_path, mlflow_server):
     jobs = pipeline(repo)
     for job in jobs:
         assert all(state(job.name)["started"] >= state(up)["finished"] for up in job.upstream), job.name
+    # --jobs 2: two jobs ran at once, but never beside a measurement
+    spans = {job.name: (state(job.name)["started"], state(job.name)["finished"]) for job in jobs}
+
+    def overlap(a, b):
+        return a != b and spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+    assert any(overlap(a, b) for a in spans for b in spans)
+    timed = [job.name for job in jobs if job.times]
+    assert len(timed) == 2 and not any(overlap(a, b) for a in timed for b in spans)
     name, upstream = jobs[-1].name, jobs[-1].upstream
     assert len(upstream) == 6 and name == "report"  # the last stage reads every evaluation and measurement
 
@@ -263,8 +273,8 @@ def test_no_slurm_here(small_repo):
     assert "no `sbatch`" in line and "--executor local" in line
 
 
-def test_resources(small_repo, mlflow_server):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
+def test_resources(small_repo):
+    env = dict(os.environ)
     line = one_line(bench(small_repo, env, "launch", "--executor", "local", "--gpus-per-job", "4"))
     assert "--nproc 1" in line and "nproc_per_node: 4" in line
     assert not (small_repo / ".launch" / "jobs").exists()  # nothing was submitted
@@ -337,6 +347,54 @@ def test_bad_slurm_option(small_repo, tmp_path, executor, option, expect):
     line = one_line(bench(small_repo, env, "launch", "--executor", executor, "--slurm", option))
     assert expect in line and option in line
     assert not (small_repo / ".launch" / "jobs").exists()
+
+
+def test_local_slots():
+    """The local executor's scheduling: GPUs of its own for each job, at most --jobs at once, a measurement alone."""
+    from pipelines.launch import LocalSlots, StageJob
+
+    def job(name, gpus, cmd=""):
+        return StageJob(name, (), gpus, cmd)
+    train_a, train_b, train_c = (job(f"train@{x}", 1, "bench.py train --nproc 1") for x in "abc")
+    measure, prepare = job("measure@a", 1, "python bench.py measure --method a"), job("prepare@d", 0)
+    slots = LocalSlots([2, 5])  # CUDA_VISIBLE_DEVICES=2,5: one job per GPU by default
+    assert (slots.take(train_a), slots.take(train_b), slots.take(train_c)) == ([2], [5], None)
+    slots.release(train_a.name)
+    assert slots.take(measure) is None  # train@b still runs
+    assert slots.take(train_c) == [2]
+    slots.release(train_b.name), slots.release(train_c.name)
+    assert slots.take(measure) == [2]
+    assert slots.take(prepare) is None and slots.take(train_a) is None  # nothing beside a measurement
+    slots.release(measure.name)
+    assert slots.take(prepare) == [] and slots.take(train_a) == [2]
+    cpu = LocalSlots([], jobs=2)  # no GPU: --jobs alone limits, and no job is given a GPU
+    assert (cpu.take(train_a), cpu.take(train_b), cpu.take(train_c)) == ([], [], None)
+    assert LocalSlots([]).take(train_a) == [] and LocalSlots([]).jobs == 1
+    with pytest.raises(ValueError, match="needs 2 GPUs, this machine has 1"):
+        LocalSlots([0]).check([job("train@x", 2, "--nproc 2")])
+
+
+@pytest.mark.parametrize("visible, args, expect", [
+    ("0", ("--executor", "local", "--jobs", "1"),
+     "needs 2 GPUs, this machine has 1 (0); set `train: {nproc_per_node: 1}`"),
+    ("GPU-5c1e", ("--executor", "local"), "CUDA_VISIBLE_DEVICES=GPU-5c1e: the local executor hands out GPUs by "
+                                          "index"),
+    ("0,1", ("--executor", "slurm", "--jobs", "2"), "--jobs 2: it limits the local executor")])
+def test_local_gpus(copy_repo, tmp_path, visible, args, expect):
+    raw = yaml.safe_load((copy_repo / "params.yaml").read_text())
+    raw.setdefault("train", {})["nproc_per_node"] = 2
+    (copy_repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    repo = launch_repo(copy_repo, tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun"):  # never called: the launch is refused before anything is submitted
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible,
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    line = one_line(bench(repo, env, "launch", *args))
+    assert expect in line
+    assert not (repo / ".launch" / "jobs").exists()
 
 
 def test_status_before_any_launch(small_repo):

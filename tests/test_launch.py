@@ -202,7 +202,8 @@ def test_launch_local_training_on_two_nodes(copy_repo, tmp_path, mlflow_server):
     raw["benchmark"].update(methods=["global"], networks=[], extra_seeds=[])
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     launch_repo(repo, tmp_path)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
+    # on CPU (gloo) on any machine: both local "nodes" of one job would otherwise be given the same GPU
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, CUDA_VISIBLE_DEVICES="")
     out = bench(repo, env, "launch", "--executor", "local", "--nodes", "2")
     assert out.returncode == 0, out.stdout + out.stderr
     assert {state for _, state in states(bench(repo, env, "launch", "--status").stdout).values()} == {"done"}

@@ -3,7 +3,7 @@ submitit, each in its own git worktree, outputs handed over through the DVC remo
 
 Why not `dvc repro` or `dvc exp run --queue`: the queue runs on one machine, and two DVC processes in one repository
 collide on its lock. So each job gets a git worktree of the launched commit under `.launch/worktrees/<stage>` (its own
-`.dvc/tmp/lock`) and runs
+`.dvc/tmp/lock`) and runs (pipelines/stage_job.py)
     dvc pull <upstream stages> -> dvc repro --single-item <stage> -> dvc push <stage>
 after taking its upstream stages' dvc.lock entries from `.launch/locks/`; at the end it writes its own entry there. The
 launcher merges those entries into this worktree's dvc.lock and `dvc pull`s them, so `dvc status` here is clean and
@@ -39,14 +39,24 @@ import submitit
 import yaml
 
 from pipelines.discovery import REPO_ROOT
+from pipelines.stage_job import (
+    LOCK_FILE,
+    POLL_SECONDS,
+    Folder,
+    LaunchError,
+    lock_entries,
+    merge_lock,
+    read_json,
+    run_dvc,
+    run_stage,
+    write_atomic,
+)
 
 LAUNCH_DIR = ".launch"
 # the executors `--executor` takes, as submitit names them ("slurm", "local")
 SLURM, ON_THIS_MACHINE = submitit.SlurmExecutor.name(), submitit.LocalExecutor.name()
 EXECUTORS = (SLURM, ON_THIS_MACHINE)
 STATES = ("pending", "running", "done", "failed")
-POLL_SECONDS = 1.0
-LOCK_FILE = "dvc.lock"  # the launcher itself writes it here, so it never counts as an uncommitted change
 # sbatch options the launcher sets for every job, and the launch option (if any) that sets each: `--slurm` may not
 # give them again (sbatch would take whichever line comes last)
 OWN_SBATCH = {"job-name": None, "time": "--time", "nodes": "--nodes", "ntasks-per-node": "--nodes",
@@ -54,9 +64,6 @@ OWN_SBATCH = {"job-name": None, "time": "--time", "nodes": "--nodes", "ntasks-pe
               "kill-on-invalid-dep": None, "output": None, "error": None, "open-mode": None, "array": None}
 SLURM_FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
-
-class LaunchError(ValueError):
-    """A launch that cannot start (wrong option, dirty tree, no remote, no tracking server); one line naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -107,19 +114,6 @@ def pipeline(root: Path) -> list[StageJob]:
     return jobs
 
 
-def _dvc(cwd: Path, *args: str, check: bool = True, quiet: bool = True) -> subprocess.CompletedProcess:
-    """DVC as a subprocess of this interpreter (its own process and lock). quiet: output kept for the error line;
-    otherwise it goes to this process's output (a job's log)."""
-    # not quiet: all of it into the job's stderr log, with the stage's own output and any traceback
-    streams = {"capture_output": True} if quiet else {"stdout": sys.stderr.fileno(), "stderr": subprocess.STDOUT}
-    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, text=True, **streams)
-    if check and out.returncode != 0:
-        tail = ((out.stdout or "") + (out.stderr or "")).strip().splitlines()[-1:]
-        raise LaunchError(f"`dvc {' '.join(args)}` failed in {cwd} (exit {out.returncode})"
-                          + (f": {tail[0].strip()}" if tail else "; its output is in the job's log"))
-    return out
-
-
 def _git(root: Path, *args: str) -> str:
     out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if out.returncode != 0:
@@ -156,7 +150,7 @@ def clean_commit(root: Path) -> str:
 
 def check_remote(root: Path) -> str:
     """The default DVC remote's name: jobs push their outputs there, this worktree pulls them back."""
-    out = _dvc(root, "remote", "default", check=False)
+    out = run_dvc(root, "remote", "default", check=False)
     name = out.stdout.strip()
     if out.returncode != 0 or not name:
         raise LaunchError("no default DVC remote: jobs hand their outputs back through one; add a folder every node "
@@ -208,152 +202,6 @@ def slurm_options(executor: str, options: tuple[str, ...] | list[str]) -> dict[s
     return parsed
 
 
-# --- the launch folder -----------------------------------------------------------------------------------------------
-
-
-def _safe(stage: str) -> str:
-    return re.sub(r"[^A-Za-z0-9@._-]", "_", stage)
-
-
-@dataclass(frozen=True)
-class Folder:
-    """`.launch/`: job records, state files, lock entries, logs, worktrees and the shared DVC cache."""
-
-    path: Path
-
-    def record(self, stage: str) -> Path:
-        return self.path / "jobs" / f"{_safe(stage)}.json"
-
-    def state(self, stage: str) -> Path:
-        return self.path / "state" / f"{_safe(stage)}.json"
-
-    def lock(self, stage: str) -> Path:
-        return self.path / "locks" / f"{_safe(stage)}.yaml"
-
-    def worktree(self, stage: str) -> Path:
-        return self.path / "worktrees" / _safe(stage)
-
-    @property
-    def logs(self) -> Path:
-        return self.path / "logs"
-
-    @property
-    def cache(self) -> Path:
-        return self.path / "cache"
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write(path: Path, text: str) -> None:
-    """Atomic: a reader (the launcher, `--status`) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _lock_entries(lock: Path) -> dict:
-    raw = yaml.safe_load(lock.read_text()) if lock.is_file() else None
-    return dict((raw or {}).get("stages") or {})
-
-
-def _merge_lock(lock: Path, entries: dict) -> None:
-    """Put other stages' dvc.lock entries into a dvc.lock (DVC reads it as written by `dvc repro`)."""
-    raw = (yaml.safe_load(lock.read_text()) if lock.is_file() else None) or {}
-    raw.setdefault("schema", "2.0")
-    raw["stages"] = {**(raw.get("stages") or {}), **entries}
-    _write(lock, yaml.safe_dump(raw, sort_keys=False))
-
-
-# --- one job ---------------------------------------------------------------------------------------------------------
-
-
-RENDEZVOUS_TIMEOUT_S = 3600  # the other nodes wait this long for the first one (it pulls the data first)
-
-
-def node_group() -> tuple[int, int, str, str]:
-    """(this task's rank, number of tasks, the first task's host, job id) of the running submitit job; a multi-node
-    training job has one task per node. (0, 1, "", "") outside a job."""
-    try:
-        env = submitit.JobEnvironment()
-    except RuntimeError:
-        return 0, 1, "", ""
-    # the local executor's tasks are "nodes" on this machine (--nodes with --executor local tries the path)
-    host = env.hostnames[0] if env.num_nodes > 1 else "127.0.0.1"
-    return env.global_rank, env.num_tasks, host, str(env.job_id)
-
-
-def join_rendezvous(rank: int, nodes: int, host: str, job_id: str) -> None:
-    """Point this node's torchrun at one rendezvous on the first node: `bench.py train` runs torchrun, which reads
-    its --nnodes / --rdzv-* options from these PET_* variables (torch.distributed.run)."""
-    port = 29500 + int(re.sub(r"\D", "", job_id) or 0) % 1000  # two jobs sharing a first node get two ports
-    os.environ.update(PET_NNODES=str(nodes), PET_RDZV_BACKEND="c10d", PET_RDZV_ENDPOINT=f"{host}:{port}",
-                      PET_RDZV_ID=job_id, PET_RDZV_CONF=f"is_host={int(rank == 0)},join_timeout="
-                      f"{RENDEZVOUS_TIMEOUT_S},read_timeout={RENDEZVOUS_TIMEOUT_S}")
-
-
-def follow(stage: str, command: str, worktree: Path, state: Path) -> str:
-    """Another node of a multi-node training: the stage's command in the first node's worktree, stopped when the
-    first node's job fails (its torchrun would otherwise wait for a rendezvous that never comes)."""
-    proc = subprocess.Popen(command, shell=True, cwd=worktree)
-    while proc.poll() is None:
-        if (_read_json(state) or {}).get("state") == "failed":
-            proc.terminate()
-            proc.wait()
-            raise LaunchError(f"{stage}: the first node's job failed; this node stopped")
-        time.sleep(POLL_SECONDS)
-    if proc.returncode:
-        raise LaunchError(f"{stage}: `{command}` failed on this node (exit {proc.returncode})")
-    return stage
-
-
-def run_stage(folder: str, stage: str, upstream: list[str], tracking: str, command: str = "") -> str:
-    """The job: in the stage's worktree, pull the upstream outputs, reproduce this one stage, push its outputs and
-    hand its dvc.lock entry to the launcher. Any failure is written to the state file before it propagates.
-
-    A training job on several nodes runs this once per node: the first node does all of the above, its `dvc repro`
-    starting torchrun as the rendezvous host; every other node runs the stage's `command` in the same worktree (on
-    shared storage), whose torchrun joins that rendezvous, and writes no state."""
-    where = Folder(Path(folder))
-    worktree = where.worktree(stage)
-    # the interpreter that launched runs the stage's `python bench.py ...`; every run logs to the one server
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ["MLFLOW_TRACKING_URI"] = tracking
-    rank, nodes, host, job_id = node_group()
-    if nodes > 1:
-        join_rendezvous(rank, nodes, host, job_id)
-        if rank > 0:
-            return follow(stage, command, worktree, where.state(stage))
-    state = where.state(stage)
-    started = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    _write(state, json.dumps({"state": "running", **started}))
-    try:
-        entries = {name: (yaml.safe_load(where.lock(name).read_text()) or {}).get(name) for name in upstream}
-        missing = [name for name, entry in entries.items() if not entry]
-        if missing:
-            raise LaunchError(f"upstream stage {missing[0]} is not done (no {where.lock(missing[0])})")
-        _merge_lock(worktree / LOCK_FILE, entries)
-        if upstream:
-            _dvc(worktree, "pull", *upstream, quiet=False)
-        _dvc(worktree, "repro", "--single-item", stage, quiet=False)
-        _dvc(worktree, "push", stage, quiet=False)
-        entry = _lock_entries(worktree / LOCK_FILE).get(stage)
-        if not entry:
-            raise LaunchError(f"`dvc repro` left no entry for {stage} in {worktree / LOCK_FILE}")
-        _write(where.lock(stage), yaml.safe_dump({stage: entry}, sort_keys=False))
-        _write(state, json.dumps({"state": "done", **started, "finished": time.time()}))
-        return stage
-    except BaseException as exc:
-        _write(state, json.dumps({"state": "failed", **started, "error": str(exc).splitlines()[0][:300] if str(exc) else
-                                  exc.__class__.__name__, "finished": time.time()}))
-        raise
-
-
 # --- the launcher ----------------------------------------------------------------------------------------------------
 
 
@@ -363,17 +211,17 @@ def collect(root: Path, where: Folder, jobs: list[StageJob]) -> list[str]:
     for job in jobs:
         if where.lock(job.name).is_file():
             entries.update(yaml.safe_load(where.lock(job.name).read_text()) or {})
-    mine = _lock_entries(root / LOCK_FILE)
+    mine = lock_entries(root / LOCK_FILE)
     new = {name: entry for name, entry in entries.items() if mine.get(name) != entry}
     if new:
-        _merge_lock(root / LOCK_FILE, new)
-        _dvc(root, "pull", *new)
+        merge_lock(root / LOCK_FILE, new)
+        run_dvc(root, "pull", *new)
     return list(new)
 
 
 def done_stages(root: Path, jobs: list[StageJob]) -> set[str]:
     """The stages `dvc status` finds up to date in this worktree."""
-    out = _dvc(root, "status", "--json")
+    out = run_dvc(root, "status", "--json")
     changed = set(json.loads(out.stdout.strip() or "{}"))
     return {job.name for job in jobs if job.name not in changed}
 
@@ -478,10 +326,10 @@ def _executor(executor: str, where: Folder, job: StageJob, partition: str | None
 
 def job_state(where: Folder, stage: str, live=None) -> str:
     """pending / running / done / failed, or '-' for a stage no job was launched for."""
-    state = (_read_json(where.state(stage)) or {}).get("state")
+    state = (read_json(where.state(stage)) or {}).get("state")
     if state in ("done", "failed"):
         return state
-    record = _read_json(where.record(stage))
+    record = read_json(where.record(stage))
     if record is None:
         return "done" if where.lock(stage).is_file() else "-"
     if live is not None:  # the launcher's own submitit job: it knows its process
@@ -535,11 +383,11 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
     collect(root, where, jobs)
     done = done_stages(root, jobs)
     if done:  # what this worktree already has (earlier launches, local `dvc repro`) must be on the remote for the jobs
-        _dvc(root, "push", *sorted(done))
-    mine = _lock_entries(root / LOCK_FILE)
+        run_dvc(root, "push", *sorted(done))
+    mine = lock_entries(root / LOCK_FILE)
     for name in done:
         if mine.get(name):
-            _write(where.lock(name), yaml.safe_dump({name: mine[name]}, sort_keys=False))
+            write_atomic(where.lock(name), yaml.safe_dump({name: mine[name]}, sort_keys=False))
     in_flight = {job.name for job in jobs if job.name not in done and job_state(where, job.name) in ("pending",
                                                                                                       "running")}
     todo = [job for job in jobs if job.name not in done and job.name not in in_flight]
@@ -555,11 +403,11 @@ def launch(executor: str, partition: str | None = None, gpus_per_job: int | None
     live: dict = {}
 
     def submit(job: StageJob, gpus: list[int] | None = None) -> None:
-        after = [(_read_json(where.record(up)) or {}).get("job_id") for up in job.upstream if up not in done]
+        after = [(read_json(where.record(up)) or {}).get("job_id") for up in job.upstream if up not in done]
         ex = _executor(executor, where, job, partition, timeout_min, [a for a in after if a], nodes, extra, gpus)
         submitted = ex.submit(run_stage, str(where.path), job.name, list(job.upstream), tracking, job.cmd)
         live[job.name] = submitted
-        _write(where.record(job.name), json.dumps({
+        write_atomic(where.record(job.name), json.dumps({
             "stage": job.name, "job_id": str(submitted.job_id), "executor": executor, "host": socket.gethostname(),
             "folder": str(where.logs / "%j"), "log": str(submitted.paths.stderr), "commit": commit,
             "submitted": time.time()}))
@@ -614,7 +462,7 @@ def status(root: Path = REPO_ROOT) -> str:
     where = Folder(root / LAUNCH_DIR)
     rows = []
     for job in pipeline(root):
-        record = _read_json(where.record(job.name)) or {}
+        record = read_json(where.record(job.name)) or {}
         log = record.get("log", "")
         rows.append([job.name, record.get("job_id", "-"), job_state(where, job.name),
                      os.path.relpath(log, root) if log else "-"])
